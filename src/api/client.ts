@@ -1,0 +1,183 @@
+import { X509Certificate } from "node:crypto";
+import { connect as tlsConnect, type PeerCertificate } from "node:tls";
+import * as grpc from "@grpc/grpc-js";
+import { CapsuleError, ErrorCode } from "../errors.js";
+import { fromServiceError } from "./errors.js";
+import { spkiFingerprint } from "./fingerprint.js";
+import { loadProto } from "./proto.js";
+import { AUTH_METADATA, mintRpcToken, type Signer } from "./token.js";
+
+/** TLS_SERVER_NAME is the SNI every client sends; identity comes from the key pin, never the name. */
+export const TLS_SERVER_NAME = "capsule";
+
+/** Endpoint is a pinned capsule: where it listens, the certificate we trust and its key fingerprint. */
+export interface Endpoint {
+  /** address is "host:port" (required). */
+  address: string;
+  /** certPem is the capsule's self-signed certificate, the only trust anchor of the connection (required). */
+  certPem: string;
+  /** fingerprint pins the certificate's public key, "SHA256:<base64>" (required). */
+  fingerprint: string;
+  /** capsuleId is the token audience (required). */
+  capsuleId: string;
+  /** label names the target in errors (optional; defaults to address). */
+  label?: string;
+}
+
+/** CallOptions: `deadlineMs` bounds one call (default 10 s); `token` overrides the minted token (tests). */
+export interface CallOptions {
+  deadlineMs?: number;
+  token?: string | null;
+}
+
+type TokenSource = (method: string) => Promise<string | null>;
+
+/**
+ * pinCheck is installed as checkServerIdentity. Node only calls it once the chain verified
+ * against `certPem` (rejectUnauthorized stays true), so a pin can never be skipped by a
+ * self-signed chain; the check is on the key (SPKI), so a valid chain to another key fails.
+ */
+export function pinCheck(expected: string) {
+  return (_host: string, cert: PeerCertificate): Error | undefined => {
+    const got = cert.raw ? spkiFingerprint(new X509Certificate(cert.raw)) : "none";
+    if (got !== expected) {
+      return new CapsuleError(ErrorCode.FingerprintMismatch, `server key ${got} does not match the pinned ${expected}`);
+    }
+    return undefined;
+  };
+}
+
+/** RpcClient calls one capsule's services with a fresh token each call. */
+export class RpcClient {
+  private readonly capsule: grpc.Client & Record<string, unknown>;
+  readonly endpoint: Endpoint;
+  private readonly tokens: TokenSource;
+  private readonly label: string;
+
+  constructor(endpoint: Endpoint, signer: Signer | null, tokens?: TokenSource) {
+    this.endpoint = endpoint;
+    this.label = endpoint.label ?? endpoint.address;
+    this.tokens =
+      tokens ?? (async (method) => (signer ? mintRpcToken(signer, endpoint.capsuleId, method) : null));
+    const creds = grpc.credentials.createSsl(Buffer.from(endpoint.certPem), null, null, {
+      checkServerIdentity: pinCheck(endpoint.fingerprint),
+    });
+    const proto = loadProto();
+    this.capsule = new proto.capsule.v1.Capsule(endpoint.address, creds, {
+      "grpc.ssl_target_name_override": TLS_SERVER_NAME,
+      "grpc.default_authority": TLS_SERVER_NAME,
+      "grpc.enable_retries": 0,
+    }) as unknown as grpc.Client & Record<string, unknown>;
+  }
+
+  /** call invokes one unary method by its short name on the Capsule service ("Info"). */
+  async call<Res>(method: string, request: object, opts: CallOptions = {}): Promise<Res> {
+    const path = `/capsule.v1.Capsule/${method}`;
+    const token = opts.token !== undefined ? opts.token : await this.tokens(path);
+    const md = new grpc.Metadata();
+    if (token) md.set(AUTH_METADATA, `Bearer ${token}`);
+    const deadline = Date.now() + (opts.deadlineMs ?? 10_000);
+    const lower = method.charAt(0).toLowerCase() + method.slice(1);
+    const fn = this.capsule[lower] as
+      | ((req: object, md: grpc.Metadata, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, r: Res) => void) => void)
+      | undefined;
+    if (!fn) throw new CapsuleError(ErrorCode.Internal, `unknown method ${method}`);
+    try {
+      return await new Promise<Res>((resolve, reject) => {
+        fn.call(this.capsule, request, md, { deadline }, (err, res) => (err ? reject(err) : resolve(res)));
+      });
+    } catch (e) {
+      throw await this.explain(e as grpc.ServiceError);
+    }
+  }
+
+  /** explain turns a transport failure into the precise reason: a pin mismatch names both keys. */
+  private async explain(e: grpc.ServiceError): Promise<CapsuleError> {
+    const ce = fromServiceError(e, this.label);
+    if (ce.code !== ErrorCode.Unreachable) return ce;
+    // The handshake may have failed on the pin. Probe once, only to name what the server presents.
+    let probe: ProbeResult;
+    try {
+      probe = await probeCertificate(this.endpoint.address, 3000);
+    } catch {
+      return ce;
+    }
+    if (probe.fingerprint !== this.endpoint.fingerprint) {
+      return new CapsuleError(
+        ErrorCode.FingerprintMismatch,
+        `${this.label}: server presents key ${probe.fingerprint}, but ${this.endpoint.fingerprint} is pinned`,
+        {
+          hint: `if the capsule was reinstalled on purpose, re-pin: capsulectl context delete ${this.label} && capsulectl adopt ${this.endpoint.address} --name ${this.label} --fingerprint ${probe.fingerprint}`,
+          cause: e,
+          details: { pinned: this.endpoint.fingerprint, presented: probe.fingerprint },
+        },
+      );
+    }
+    return ce;
+  }
+
+  /** close releases the channel. */
+  close(): void {
+    this.capsule.close();
+  }
+}
+
+/** ProbeResult is what a server presents in its TLS handshake. */
+export interface ProbeResult {
+  fingerprint: string;
+  certPem: string;
+}
+
+/**
+ * probeCertificate connects without trusting anything, to show an operator the fingerprint
+ * before pinning (TOFU) or to name a mismatch. It never sends a token or any request.
+ */
+export function probeCertificate(address: string, timeoutMs = 5000): Promise<ProbeResult> {
+  const { host, port } = splitHostPort(address);
+  return new Promise((resolve, reject) => {
+    const sock = tlsConnect({
+      host,
+      port,
+      servername: TLS_SERVER_NAME,
+      rejectUnauthorized: false,
+      ALPNProtocols: ["h2"],
+      minVersion: "TLSv1.3",
+    });
+    const timer = setTimeout(() => {
+      sock.destroy();
+      reject(
+        new CapsuleError(ErrorCode.Timeout, `${address}: no TLS handshake within ${timeoutMs} ms`, {
+          hint: "check that capsuled runs there and the address is reachable",
+        }),
+      );
+    }, timeoutMs);
+    sock.once("secureConnect", () => {
+      clearTimeout(timer);
+      const raw = sock.getPeerCertificate().raw;
+      sock.end();
+      if (!raw) return reject(new CapsuleError(ErrorCode.Unreachable, `${address}: server presented no certificate`));
+      const x = new X509Certificate(raw);
+      resolve({ fingerprint: spkiFingerprint(x), certPem: x.toString() });
+    });
+    sock.once("error", (err) => {
+      clearTimeout(timer);
+      reject(
+        new CapsuleError(ErrorCode.Unreachable, `${address}: ${err.message}`, {
+          hint: "check that capsuled runs there and listens on that address",
+          cause: err,
+        }),
+      );
+    });
+  });
+}
+
+/** splitHostPort parses "host:port" or "[v6]:port". */
+export function splitHostPort(address: string): { host: string; port: number } {
+  const m = /^\[([^\]]+)\]:(\d+)$/.exec(address) ?? /^([^:]+):(\d+)$/.exec(address);
+  if (!m?.[1] || !m[2] || Number(m[2]) < 1 || Number(m[2]) > 65535) {
+    throw new CapsuleError(ErrorCode.InvalidArgument, `address "${address}" is not HOST:PORT`, {
+      hint: "write it as 192.0.2.10:50000",
+    });
+  }
+  return { host: m[1], port: Number(m[2]) };
+}

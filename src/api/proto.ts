@@ -1,0 +1,39 @@
+import { existsSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import type { ProtoGrpcType } from "../gen/capsule.js";
+
+/** PROTO_DIR is the repository's proto/ folder (the same from src/ under ts-node and from dist/src/). */
+export const PROTO_DIR = findProtoDir();
+
+function findProtoDir(): string {
+  // Walk up to the directory that holds package.json: ../.. from src/api, ../../.. from dist/src/api.
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (dir !== dirname(dir)) {
+    if (existsSync(join(dir, "package.json")) && existsSync(join(dir, "proto"))) return join(dir, "proto");
+    dir = dirname(dir);
+  }
+  throw new Error("capsule: cannot find proto/ above " + fileURLToPath(import.meta.url));
+}
+
+const LOADER_OPTIONS: protoLoader.Options = {
+  keepCase: false,
+  longs: String,
+  enums: String,
+  defaults: true,
+  oneofs: true,
+  includeDirs: [PROTO_DIR],
+};
+
+let cached: ProtoGrpcType | undefined;
+
+/** loadProto loads (once) and returns the typed package definition of every Capsule service. */
+export function loadProto(): ProtoGrpcType {
+  if (!cached) {
+    const def = protoLoader.loadSync(["capsule/v1/capsule.proto"], LOADER_OPTIONS);
+    cached = grpc.loadPackageDefinition(def) as unknown as ProtoGrpcType;
+  }
+  return cached;
+}
