@@ -75,9 +75,17 @@ export class CommandError extends CapsuleError {
   readonly stdout: string;
   readonly stderr: string;
 
-  constructor(argv: readonly string[], exitCode: number | undefined, stdout: string, stderr: string, cause?: unknown) {
+  constructor(
+    argv: readonly string[],
+    exitCode: number | undefined,
+    stdout: string,
+    stderr: string,
+    cause?: unknown,
+  ) {
     const out = (stderr || stdout).trim().split("\n").slice(-3).join(" | ");
-    super(ErrorCode.CommandFailed, `${argv.join(" ")}: exit ${exitCode ?? "?"}${out ? `: ${out}` : ""}`, { cause });
+    super(ErrorCode.CommandFailed, `${argv.join(" ")}: exit ${exitCode ?? "?"}${out ? `: ${out}` : ""}`, {
+      cause,
+    });
     this.argv = argv;
     this.exitCode = exitCode;
     this.stdout = stdout;

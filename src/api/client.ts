@@ -41,7 +41,10 @@ export function pinCheck(expected: string) {
   return (_host: string, cert: PeerCertificate): Error | undefined => {
     const got = cert.raw ? spkiFingerprint(new X509Certificate(cert.raw)) : "none";
     if (got !== expected) {
-      return new CapsuleError(ErrorCode.FingerprintMismatch, `server key ${got} does not match the pinned ${expected}`);
+      return new CapsuleError(
+        ErrorCode.FingerprintMismatch,
+        `server key ${got} does not match the pinned ${expected}`,
+      );
     }
     return undefined;
   };
@@ -79,7 +82,12 @@ export class RpcClient {
     const deadline = Date.now() + (opts.deadlineMs ?? 10_000);
     const lower = method.charAt(0).toLowerCase() + method.slice(1);
     const fn = this.capsule[lower] as
-      | ((req: object, md: grpc.Metadata, o: grpc.CallOptions, cb: (e: grpc.ServiceError | null, r: Res) => void) => void)
+      | ((
+          req: object,
+          md: grpc.Metadata,
+          o: grpc.CallOptions,
+          cb: (e: grpc.ServiceError | null, r: Res) => void,
+        ) => void)
       | undefined;
     if (!fn) throw new CapsuleError(ErrorCode.Internal, `unknown method ${method}`);
     try {
@@ -155,7 +163,8 @@ export function probeCertificate(address: string, timeoutMs = 5000): Promise<Pro
       clearTimeout(timer);
       const raw = sock.getPeerCertificate().raw;
       sock.end();
-      if (!raw) return reject(new CapsuleError(ErrorCode.Unreachable, `${address}: server presented no certificate`));
+      if (!raw)
+        return reject(new CapsuleError(ErrorCode.Unreachable, `${address}: server presented no certificate`));
       const x = new X509Certificate(raw);
       resolve({ fingerprint: spkiFingerprint(x), certPem: x.toString() });
     });
@@ -171,10 +180,13 @@ export function probeCertificate(address: string, timeoutMs = 5000): Promise<Pro
   });
 }
 
-/** splitHostPort parses "host:port" or "[v6]:port". */
-export function splitHostPort(address: string): { host: string; port: number } {
+/** splitHostPort parses "host:port" or "[v6]:port"; port 0 ("any free port") only with `allowZero`. */
+export function splitHostPort(
+  address: string,
+  opts: { allowZero?: boolean } = {},
+): { host: string; port: number } {
   const m = /^\[([^\]]+)\]:(\d+)$/.exec(address) ?? /^([^:]+):(\d+)$/.exec(address);
-  if (!m?.[1] || !m[2] || Number(m[2]) < 1 || Number(m[2]) > 65535) {
+  if (!m?.[1] || !m[2] || Number(m[2]) < (opts.allowZero ? 0 : 1) || Number(m[2]) > 65535) {
     throw new CapsuleError(ErrorCode.InvalidArgument, `address "${address}" is not HOST:PORT`, {
       hint: "write it as 192.0.2.10:50000",
     });

@@ -1,4 +1,10 @@
-import { createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject, randomUUID } from "node:crypto";
+import {
+  createPrivateKey,
+  createPublicKey,
+  generateKeyPairSync,
+  type KeyObject,
+  randomUUID,
+} from "node:crypto";
 import { calculateJwkThumbprint, type JWK, SignJWT } from "jose";
 
 /** RPC_TOKEN_TYP is the JWT `typ` of a per-call token; the server refuses any other. */
@@ -55,7 +61,12 @@ export async function jwkThumbprint(jwk: JWK): Promise<string> {
  * mintRpcToken makes a fresh token for one call: `aud` the capsule id, `mth` the full gRPC
  * method path ("/capsule.v1.Capsule/Info"), a random `jti`, and a short `exp`.
  */
-export async function mintRpcToken(signer: Signer, audience: string, method: string, nowMs = Date.now()): Promise<string> {
+export async function mintRpcToken(
+  signer: Signer,
+  audience: string,
+  method: string,
+  nowMs = Date.now(),
+): Promise<string> {
   const iat = Math.floor(nowMs / 1000);
   return new SignJWT({ mth: method })
     .setProtectedHeader({ alg: "EdDSA", typ: RPC_TOKEN_TYP, kid: signer.kid })

@@ -38,16 +38,29 @@ export class ExecaRunner implements CommandRunner {
       env: { LC_ALL: "C", ...opts.env },
       stripFinalNewline: false,
     });
-    const res = { exitCode: r.exitCode ?? -1, stdout: String(r.stdout ?? ""), stderr: String(r.stderr ?? "") };
+    const res = {
+      exitCode: r.exitCode ?? -1,
+      stdout: String(r.stdout ?? ""),
+      stderr: String(r.stderr ?? ""),
+    };
     if (res.exitCode !== 0 && !opts.allowFailure) {
-      throw new CommandError(argv, r.exitCode, res.stdout, res.stderr + (r.timedOut ? " (timed out)" : ""), r.cause);
+      throw new CommandError(
+        argv,
+        r.exitCode,
+        res.stdout,
+        res.stderr + (r.timedOut ? " (timed out)" : ""),
+        r.cause,
+      );
     }
     return res;
   }
 }
 
 /** FakeResponder decides what a faked command returns; return undefined for the default (exit 0, no output). */
-export type FakeResponder = (argv: readonly string[], input: string | undefined) => Partial<RunResult> | undefined;
+export type FakeResponder = (
+  argv: readonly string[],
+  input: string | undefined,
+) => Partial<RunResult> | undefined;
 
 /**
  * FakeRunner records every command as canonical text (`argv.join(" ")`, plus `<<stdin` when
@@ -75,7 +88,8 @@ export class FakeRunner implements CommandRunner {
         break;
       }
     }
-    if (res.exitCode !== 0 && !opts.allowFailure) throw new CommandError(argv, res.exitCode, res.stdout, res.stderr);
+    if (res.exitCode !== 0 && !opts.allowFailure)
+      throw new CommandError(argv, res.exitCode, res.stdout, res.stderr);
     return res;
   }
 }
