@@ -45,11 +45,16 @@ export class Store {
       );
     }
     if (path !== ":memory:") chmodSync(path, 0o600);
-    db.pragma("journal_mode = WAL");
-    db.pragma("synchronous = FULL");
-    db.pragma("foreign_keys = ON");
-    db.pragma("busy_timeout = 5000");
-    const check = db.pragma("integrity_check", { simple: true });
+    let check: unknown;
+    try {
+      db.pragma("journal_mode = WAL");
+      db.pragma("synchronous = FULL");
+      db.pragma("foreign_keys = ON");
+      db.pragma("busy_timeout = 5000");
+      check = db.pragma("integrity_check", { simple: true });
+    } catch (e) {
+      check = (e as Error).message;
+    }
     if (check !== "ok") {
       db.close();
       throw new CapsuleError(
