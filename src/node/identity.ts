@@ -1,12 +1,17 @@
-import "reflect-metadata"; // @peculiar/x509 (tsyringe) needs the polyfill loaded first
 import { randomBytes, webcrypto, X509Certificate as NodeX509 } from "node:crypto";
 import { existsSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import * as x509 from "@peculiar/x509";
+import type * as X509 from "@peculiar/x509";
 import { spkiFingerprint } from "../api/fingerprint.js";
 import type { Store } from "./store/store.js";
 
-x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
+/** loadX509 loads @peculiar/x509 only when a certificate is made (first start): it is heavy to keep resident. */
+async function loadX509(): Promise<typeof X509> {
+  await import("reflect-metadata"); // @peculiar/x509 (tsyringe) needs the polyfill loaded first
+  const x509 = await import("@peculiar/x509");
+  x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
+  return x509;
+}
 
 /** Identity is who this capsule is: a stable id, its TLS key pair and certificate, and their fingerprint. */
 export interface Identity {
@@ -51,6 +56,7 @@ export async function loadOrCreateIdentity(stateDir: string, store: Store): Prom
   }
   const keys = (await webcrypto.subtle.generateKey(ALG, true, ["sign", "verify"])) as webcrypto.CryptoKeyPair;
   const pkcs8 = Buffer.from(await webcrypto.subtle.exportKey("pkcs8", keys.privateKey));
+  const x509 = await loadX509();
   const keyPem = x509.PemConverter.encode(pkcs8, "PRIVATE KEY");
   const certPem = (await selfSignedCertificate(id, keys)).toString("pem");
   writeAtomic(keyPath, `${keyPem}\n`, 0o600);
@@ -62,7 +68,8 @@ export async function loadOrCreateIdentity(stateDir: string, store: Store): Prom
 export async function selfSignedCertificate(
   id: string,
   keys: webcrypto.CryptoKeyPair,
-): Promise<x509.X509Certificate> {
+): Promise<X509.X509Certificate> {
+  const x509 = await loadX509();
   const now = Date.now();
   return x509.X509CertificateGenerator.createSelfSigned({
     serialNumber: randomBytes(16)

@@ -1,11 +1,15 @@
 import { type ChildProcess, spawn } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 
-/** REPO is the repository root; tests run the built bins from dist/. */
-export const REPO = join(import.meta.dirname, "..", "..");
+/** REPO is the repository root (from test/helpers or dist/test/helpers); tests run the built bins from dist/. */
+export const REPO = (() => {
+  let dir = import.meta.dirname;
+  while (!existsSync(join(dir, "package.json"))) dir = dirname(dir);
+  return dir;
+})();
 export const CAPSULED = join(REPO, "dist/src/node/main.js");
 export const CAPSULECTL = join(REPO, "dist/src/cli/main.js");
 

@@ -17,9 +17,11 @@ t.test("ExecaRunner pins LC_ALL=C and reports argv and output on failure", async
   const r = new ExecaRunner();
   const ok = await r.run(["sh", "-c", "echo $LC_ALL"]);
   t.equal(ok.stdout.trim(), "C");
-  const err = await r
-    .run(["sh", "-c", "echo bad >&2; exit 3"])
-    .catch((e: unknown) => e as { argv: string[]; exitCode: number; message: string });
+  const err = (await r.run(["sh", "-c", "echo bad >&2; exit 3"]).catch((e: unknown) => e)) as {
+    argv: string[];
+    exitCode: number;
+    message: string;
+  };
   t.same(err.argv, ["sh", "-c", "echo bad >&2; exit 3"]);
   t.equal(err.exitCode, 3);
   t.match(err.message, /bad/);
