@@ -52,7 +52,8 @@ export function pinCheck(expected: string) {
 
 /** RpcClient calls one capsule's services with a fresh token each call. */
 export class RpcClient {
-  private readonly capsule: grpc.Client & Record<string, unknown>;
+  private readonly services = new Map<string, grpc.Client & Record<string, unknown>>();
+  private readonly creds: grpc.ChannelCredentials;
   readonly endpoint: Endpoint;
   private readonly tokens: TokenSource;
   private readonly label: string;
@@ -62,26 +63,45 @@ export class RpcClient {
     this.label = endpoint.label ?? endpoint.address;
     this.tokens =
       tokens ?? (async (method) => (signer ? mintRpcToken(signer, endpoint.capsuleId, method) : null));
-    const creds = grpc.credentials.createSsl(Buffer.from(endpoint.certPem), null, null, {
+    this.creds = grpc.credentials.createSsl(Buffer.from(endpoint.certPem), null, null, {
       checkServerIdentity: pinCheck(endpoint.fingerprint),
     });
-    const proto = loadProto();
-    this.capsule = new proto.capsule.v1.Capsule(endpoint.address, creds, {
-      "grpc.ssl_target_name_override": TLS_SERVER_NAME,
-      "grpc.default_authority": TLS_SERVER_NAME,
-      "grpc.enable_retries": 0,
-    }) as unknown as grpc.Client & Record<string, unknown>;
   }
 
-  /** call invokes one unary method by its short name on the Capsule service ("Info"). */
+  private service(name: string): grpc.Client & Record<string, unknown> {
+    let c = this.services.get(name);
+    if (!c) {
+      const ctor = (loadProto().capsule.v1 as unknown as Record<string, typeof grpc.Client | undefined>)[
+        name
+      ];
+      if (!ctor) throw new CapsuleError(ErrorCode.Internal, `unknown service ${name}`);
+      // All services share one channel: grpc-js pools subchannels by target and options.
+      c = new ctor(this.endpoint.address, this.creds, {
+        "grpc.ssl_target_name_override": TLS_SERVER_NAME,
+        "grpc.default_authority": TLS_SERVER_NAME,
+        "grpc.enable_retries": 0,
+      }) as grpc.Client & Record<string, unknown>;
+      this.services.set(name, c);
+    }
+    return c;
+  }
+
+  /**
+   * call invokes one unary method: "Service/Method" ("Fabric/Status"), or a bare method name
+   * for the Capsule service ("Info").
+   */
   async call<Res>(method: string, request: object, opts: CallOptions = {}): Promise<Res> {
-    const path = `/capsule.v1.Capsule/${method}`;
+    const [svcName, methodName] = method.includes("/")
+      ? (method.split("/") as [string, string])
+      : ["Capsule", method];
+    const path = `/capsule.v1.${svcName}/${methodName}`;
+    const svc = this.service(svcName);
     const token = opts.token !== undefined ? opts.token : await this.tokens(path);
     const md = new grpc.Metadata();
     if (token) md.set(AUTH_METADATA, `Bearer ${token}`);
     const deadline = Date.now() + (opts.deadlineMs ?? 10_000);
-    const lower = method.charAt(0).toLowerCase() + method.slice(1);
-    const fn = this.capsule[lower] as
+    const lower = methodName.charAt(0).toLowerCase() + methodName.slice(1);
+    const fn = svc[lower] as
       | ((
           req: object,
           md: grpc.Metadata,
@@ -92,7 +112,7 @@ export class RpcClient {
     if (!fn) throw new CapsuleError(ErrorCode.Internal, `unknown method ${method}`);
     try {
       return await new Promise<Res>((resolve, reject) => {
-        fn.call(this.capsule, request, md, { deadline }, (err, res) => (err ? reject(err) : resolve(res)));
+        fn.call(svc, request, md, { deadline }, (err, res) => (err ? reject(err) : resolve(res)));
       });
     } catch (e) {
       throw await this.explain(e as grpc.ServiceError);
@@ -126,7 +146,8 @@ export class RpcClient {
 
   /** close releases the channel. */
   close(): void {
-    this.capsule.close();
+    for (const c of this.services.values()) c.close();
+    this.services.clear();
   }
 }
 

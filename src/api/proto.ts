@@ -3,7 +3,11 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
-import type { ProtoGrpcType } from "../gen/capsule.js";
+import type { ProtoGrpcType as CapsuleProto } from "../gen/capsule.js";
+import type { ProtoGrpcType as FabricProto } from "../gen/fabric.js";
+
+/** ProtoGrpcType is every Capsule service, typed from the generated definitions. */
+export type ProtoGrpcType = CapsuleProto & FabricProto;
 
 /** PROTO_DIR is the repository's proto/ folder (the same from src/ under ts-node and from dist/src/). */
 export const PROTO_DIR = findProtoDir();
@@ -32,8 +36,16 @@ let cached: ProtoGrpcType | undefined;
 /** loadProto loads (once) and returns the typed package definition of every Capsule service. */
 export function loadProto(): ProtoGrpcType {
   if (!cached) {
-    const def = protoLoader.loadSync(["capsule/v1/capsule.proto"], LOADER_OPTIONS);
+    const def = protoLoader.loadSync(["capsule/v1/capsule.proto", "capsule/v1/fabric.proto"], LOADER_OPTIONS);
     cached = grpc.loadPackageDefinition(def) as unknown as ProtoGrpcType;
   }
   return cached;
 }
+
+// The decoded (output) message types, re-exported so clients of the API need not reach into
+// the generated src/gen tree. With `defaults: true` every field of an __Output type is set.
+export type { ClaimResponse__Output } from "../gen/capsule/v1/ClaimResponse.js";
+export type { InfoResponse__Output } from "../gen/capsule/v1/InfoResponse.js";
+export type { ListOperatorsResponse__Output } from "../gen/capsule/v1/ListOperatorsResponse.js";
+export type { Operator, Operator__Output } from "../gen/capsule/v1/Operator.js";
+export type { RemoveOperatorResponse__Output } from "../gen/capsule/v1/RemoveOperatorResponse.js";
