@@ -13,10 +13,17 @@ import type { Store } from "./store/store.js";
 
 /** Principal is who an authenticated call comes from. */
 export interface Principal {
-  kind: "operator";
+  /** kind: an operator (all methods) or an enrolled peer capsule (peer methods only). */
+  kind: "operator" | "peer";
+  /** id is the operator's key id, or the peer's capsule id. */
   id: string;
   name: string;
 }
+
+/** PeerKeyLookup finds an enrolled peer capsule by the key id of its signing key. */
+export type PeerKeyLookup = (
+  kid: string,
+) => { capsuleId: string; name: string; peerKeyJwk: string } | undefined;
 
 function unauth(message: string, hint?: string, cause?: unknown): CapsuleError {
   return new CapsuleError(ErrorCode.Unauthenticated, message, { hint, cause });
@@ -34,6 +41,7 @@ export class Authenticator {
     private readonly store: Store,
     private readonly clock: Clock,
     private readonly audience: string,
+    private readonly peerLookup: PeerKeyLookup = () => undefined,
   ) {}
 
   /** authenticate verifies the `authorization` value for a call of `method`; throws a CapsuleError when refused. */
@@ -49,7 +57,8 @@ export class Authenticator {
     const token = m[1];
     const header = this.header(token, RPC_TOKEN_TYP);
     const op = this.store.getOperator(header.kid);
-    if (!op) {
+    const peer = op ? undefined : this.peerLookup(header.kid);
+    if (!op && !peer) {
       throw new CapsuleError(
         ErrorCode.UnknownOperator,
         `operator key ${header.kid} is not enrolled on this capsule`,
@@ -58,12 +67,15 @@ export class Authenticator {
         },
       );
     }
-    const payload = await this.verify(token, publicKeyFromJwk(op.publicKeyJwk), RPC_TOKEN_TYP);
+    const jwk = op ? op.publicKeyJwk : peer!.peerKeyJwk;
+    const payload = await this.verify(token, publicKeyFromJwk(jwk), RPC_TOKEN_TYP);
     if (payload["mth"] !== method) {
       throw unauth(`token was minted for ${String(payload["mth"])}, not ${method}`);
     }
     this.consume(payload);
-    return { kind: "operator", id: op.id, name: op.name };
+    return op
+      ? { kind: "operator", id: op.id, name: op.name }
+      : { kind: "peer", id: peer!.capsuleId, name: peer!.name };
   }
 
   /**

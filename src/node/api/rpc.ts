@@ -2,7 +2,7 @@ import type * as grpc from "@grpc/grpc-js";
 import type { Logger } from "pino";
 import { toServiceError } from "../../api/errors.js";
 import { AUTH_METADATA } from "../../api/token.js";
-import { toCapsuleError } from "../../errors.js";
+import { CapsuleError, ErrorCode, toCapsuleError } from "../../errors.js";
 import type { Authenticator, Principal } from "../auth.js";
 import type { Metrics } from "../metrics.js";
 
@@ -25,13 +25,14 @@ export interface RpcDeps {
 
 /**
  * unary wraps a handler with authentication (unless `public`), metrics and error mapping.
+ * Peer capsules may call only methods marked `peer`; operators may call every method.
  * Every method of every service goes through it, so no path skips the token check.
  */
 export function unary<Req, Res>(
   deps: RpcDeps,
   path: string,
   handler: Handler<Req, Res>,
-  opts: { public?: boolean } = {},
+  opts: { public?: boolean; peer?: boolean } = {},
 ): grpc.handleUnaryCall<Req, Res> {
   return (call, callback) => {
     const started = process.hrtime.bigint();
@@ -44,6 +45,9 @@ export function unary<Req, Res>(
       if (!opts.public) {
         const header = call.metadata.get(AUTH_METADATA)[0];
         principal = await deps.auth.authenticate(header === undefined ? undefined : String(header), path);
+        if (principal.kind === "peer" && !opts.peer) {
+          throw new CapsuleError(ErrorCode.PermissionDenied, `peer capsules may not call ${path}`);
+        }
       }
       return handler(call.request, { principal, method: path });
     })().then(

@@ -24,4 +24,34 @@ export const MIGRATIONS: readonly { version: number; sql: string }[] = [
       CREATE INDEX used_tokens_expiry ON used_tokens(expires_at);
     `,
   },
+  {
+    version: 2,
+    sql: `
+      CREATE TABLE fabric_peers (
+        capsule_id      TEXT PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        wg_public_key   TEXT NOT NULL UNIQUE,
+        endpoint        TEXT,
+        capsule_address TEXT NOT NULL UNIQUE,
+        pool            INTEGER NOT NULL,
+        api_port        INTEGER NOT NULL,
+        api_cert_pem    TEXT NOT NULL,
+        api_fingerprint TEXT NOT NULL,
+        peer_key_jwk    TEXT NOT NULL,
+        peer_key_id     TEXT NOT NULL UNIQUE,
+        relay_via       TEXT,
+        peers_json      TEXT NOT NULL DEFAULT '[]',
+        inventory_json  TEXT NOT NULL DEFAULT '[]',
+        inventory_gen   TEXT NOT NULL DEFAULT '0',
+        enrolled_at     TEXT NOT NULL,
+        updated_at      TEXT NOT NULL
+      ) STRICT;
+      CREATE TABLE fabric_addresses (
+        name        TEXT PRIMARY KEY,
+        address     TEXT NOT NULL UNIQUE,
+        labels_json TEXT NOT NULL DEFAULT '{}',
+        created_at  TEXT NOT NULL
+      ) STRICT;
+    `,
+  },
 ];
