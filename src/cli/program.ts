@@ -1,0 +1,202 @@
+/**
+ * The capsulectl command tree (commander) and {@link run}, which drives it for one argv and
+ * returns the exit code: 0 success, 1 an error (or any failed target), 2 a usage error.
+ */
+import { existsSync, readFileSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { Command, CommanderError, InvalidArgumentError, Option } from "commander";
+import { formatError, toCapsuleError } from "../errors.js";
+import { adopt } from "./commands/adopt.js";
+import { capsuleInfo } from "./commands/capsule.js";
+import { contextDelete, contextList, contextShow, contextUse } from "./commands/context.js";
+import { operatorAdd, operatorList, operatorRemove, operatorWhoami } from "./commands/operator.js";
+import { parseDuration } from "./duration.js";
+import { OUTPUT_FORMATS, type OutputFormat } from "./output.js";
+import { type CliIO, defaultIO, type GlobalOptions, Session } from "./session.js";
+
+/** EXIT_USAGE is the exit code of a usage error (unknown command or flag, bad flag value). */
+export const EXIT_USAGE = 2;
+
+/** cliVersion is the package version, read from the package.json above this file (src/ or dist/src/). */
+export function cliVersion(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (dir !== dirname(dir)) {
+    const p = join(dir, "package.json");
+    if (existsSync(p))
+      return String((JSON.parse(readFileSync(p, "utf8")) as { version?: string }).version ?? "0.0.0");
+    dir = dirname(dir);
+  }
+  return "0.0.0";
+}
+
+interface RawGlobals {
+  capsule?: string;
+  all?: boolean;
+  output: OutputFormat;
+  configDir?: string;
+  timeout: number;
+}
+
+/**
+ * buildProgram builds a fresh command tree bound to `io`; `state.exitCode` receives the exit
+ * code the commands chose. A fresh tree per run keeps runs independent (tests run many).
+ */
+export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
+  const program = new Command("capsulectl");
+  const session = (cmd: Command): Session => {
+    const g = cmd.optsWithGlobals<RawGlobals>();
+    const globals: GlobalOptions = {
+      capsule: g.capsule,
+      all: g.all,
+      output: g.output,
+      configDir: g.configDir,
+      timeoutMs: g.timeout,
+    };
+    return new Session(io, globals);
+  };
+  // Every action gets its Session from its own Command (the last argument commander passes).
+  const act =
+    (fn: (s: Session, ...args: never[]) => Promise<void>) =>
+    async (...args: unknown[]): Promise<void> => {
+      const cmd = args[args.length - 1] as Command;
+      const s = session(cmd);
+      await (fn as (s: Session, ...a: unknown[]) => Promise<void>)(s, ...args.slice(0, -1));
+      state.exitCode = Math.max(state.exitCode, s.exitCode);
+    };
+
+  program
+    .description("Control capsules: adopt them, inspect them, manage operator keys.")
+    .version(cliVersion(), "-V, --version", "print the version")
+    .helpOption("-h, --help", "show help")
+    .addOption(
+      new Option(
+        "--capsule <targets>",
+        "comma list of context names, HOST:PORTs or $CAPSULE_HOST (default: current context)",
+      ),
+    )
+    .addOption(new Option("--all", "run against every context").conflicts("capsule"))
+    .addOption(new Option("-o, --output <format>", "output format").choices(OUTPUT_FORMATS).default("table"))
+    .addOption(
+      new Option("--config-dir <dir>", "config dir (default: $CAPSULE_CONFIG_DIR, else ~/.config/capsule)"),
+    )
+    .addOption(
+      new Option("--timeout <duration>", "per-capsule deadline, e.g. 10s, 1m")
+        .default(10_000, "10s")
+        .argParser((v) => {
+          try {
+            return parseDuration(v, "--timeout");
+          } catch (e) {
+            // commander names the option itself; keep only the problem and the fix.
+            const ce = toCapsuleError(e);
+            const problem = ce.message.replace(/^--timeout: /, "");
+            throw new InvalidArgumentError(ce.hint ? `${problem}; ${ce.hint}` : problem);
+          }
+        }),
+    )
+    .exitOverride()
+    .configureOutput({
+      writeOut: (str) => io.stdout.write(str),
+      writeErr: (str) => io.stderr.write(str),
+    })
+    .showHelpAfterError("hint: add --help for usage")
+    .showSuggestionAfterError(true);
+
+  program
+    .command("adopt")
+    .description(
+      "pin a capsule's key (trust on first use) and enroll your operator key during its claim window",
+    )
+    .argument("<host:port>", "the capsule's API address")
+    .requiredOption("--name <name>", "context name for the capsule")
+    .option("--fingerprint <fp>", "expected key fingerprint SHA256:...; a mismatch refuses")
+    .option("--yes", "trust the presented key without asking")
+    .option("--operator-name <name>", "label for your key on the capsule (default: $USER@hostname)")
+    .action(
+      act(
+        (
+          s,
+          address: string,
+          opts: { name: string; fingerprint?: string; yes?: boolean; operatorName?: string },
+        ) => adopt(s, address, opts),
+      ),
+    );
+
+  const context = program.command("context").description("list and choose pinned capsules (local, no RPC)");
+  context
+    .command("list")
+    .description("list contexts; * marks the current one")
+    .action(act((s) => contextList(s)));
+  context
+    .command("use")
+    .description("make NAME the current context")
+    .argument("<name>")
+    .action(act((s, name: string) => contextUse(s, name)));
+  context
+    .command("show")
+    .description("show a context (default: the current one)")
+    .argument("[name]")
+    .action(act((s, name: string | undefined) => contextShow(s, name)));
+  context
+    .command("delete")
+    .description("forget a context and its pinned key")
+    .argument("<name>")
+    .action(act((s, name: string) => contextDelete(s, name)));
+
+  const capsule = program.command("capsule").description("inspect capsules");
+  capsule
+    .command("info")
+    .description("name, id, version, fabric address, uptime, kernel, WireGuard mode")
+    .action(act((s) => capsuleInfo(s)));
+
+  const operator = program.command("operator").description("manage the operator keys a capsule accepts");
+  operator
+    .command("list")
+    .description("list operator keys")
+    .action(act((s) => operatorList(s)));
+  operator
+    .command("add")
+    .description("add an operator's public key")
+    .argument("<name>", "label for the key")
+    .requiredOption(
+      "--public-key-file <file>",
+      "Ed25519 public key: JWK JSON, `operator whoami -o json` output, or PEM",
+    )
+    .action(
+      act((s, name: string, opts: { publicKeyFile: string }) => operatorAdd(s, name, opts.publicKeyFile)),
+    );
+  operator
+    .command("remove")
+    .description("remove an operator key by id")
+    .argument("<id>")
+    .action(act((s, id: string) => operatorRemove(s, id)));
+  operator
+    .command("whoami")
+    .description("print your operator key id and public key (creates the key on first use)")
+    .action(act((s) => operatorWhoami(s)));
+
+  return program;
+}
+
+/**
+ * run executes capsulectl for `argv` (the arguments after the program name) and resolves with
+ * the exit code; it never throws and never exits the process. `io` fields default to the real
+ * process (see defaultIO), so tests pass only what they fake.
+ */
+export async function run(argv: string[], io: Partial<CliIO> = {}): Promise<number> {
+  const full: CliIO = { ...defaultIO(), ...io };
+  const state = { exitCode: 0 };
+  const program = buildProgram(full, state);
+  try {
+    await program.parseAsync(argv, { from: "user" });
+    return state.exitCode;
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      // --help and --version end through exitOverride too, with exit code 0.
+      if (e.code === "commander.helpDisplayed" || e.code === "commander.version") return 0;
+      return e.exitCode === 0 ? 0 : EXIT_USAGE;
+    }
+    full.stderr.write(`${formatError(e)}\n`);
+    return 1;
+  }
+}

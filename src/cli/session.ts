@@ -1,0 +1,164 @@
+/**
+ * Session is what one capsulectl invocation works with: its streams and environment, the
+ * global flags, the config dir, and the fan-out of one RPC over the selected targets.
+ * Commands are thin: pick the RPC and the view, the session does the rest.
+ */
+import { type Endpoint, type ProbeResult, probeCertificate, RpcClient } from "../api/client.js";
+import type { Signer } from "../api/token.js";
+import { type CapsuleConfig, defaultConfigDir, loadConfig, loadOperatorKey, saveConfig } from "./config.js";
+import { fanOut, type FanOutResult } from "./fanout.js";
+import { type OutputFormat, renderObject, renderResults, type View } from "./output.js";
+import { endpointOf, resolveTargets, type Target } from "./targets.js";
+
+/** Writer is the part of a stream the CLI writes to. */
+export interface Writer {
+  write(chunk: string): unknown;
+}
+
+/** RpcCaller is the part of {@link RpcClient} commands use; tests pass a fake through {@link CliIO.dial}. */
+export type RpcCaller = Pick<RpcClient, "call" | "close">;
+
+/** Dial opens a client to one pinned capsule; `signer` null sends no token (Claim). */
+export type Dial = (endpoint: Endpoint, signer: Signer | null) => RpcCaller;
+
+/** Probe shows what certificate a server presents, trusting nothing (see probeCertificate). */
+export type Probe = (address: string, timeoutMs: number) => Promise<ProbeResult>;
+
+/** CliIO is everything capsulectl touches outside its config dir; every field is required here (see {@link defaultIO}). */
+export interface CliIO {
+  stdout: Writer;
+  stderr: Writer;
+  env: Record<string, string | undefined>;
+  /** stdin answers the adopt prompt; prompting happens only when `isTTY` is true. */
+  stdin: NodeJS.ReadableStream & { isTTY?: boolean };
+  dial: Dial;
+  probe: Probe;
+  /** now is the wall clock (addedAt). */
+  now: () => Date;
+}
+
+/** defaultIO is the real process: its streams and env, real gRPC clients and TLS probes. */
+export function defaultIO(): CliIO {
+  return {
+    stdout: process.stdout,
+    stderr: process.stderr,
+    env: process.env,
+    stdin: process.stdin,
+    dial: (endpoint, signer) => new RpcClient(endpoint, signer),
+    probe: (address, timeoutMs) => probeCertificate(address, timeoutMs),
+    now: () => new Date(),
+  };
+}
+
+/** GlobalOptions are the parsed global flags. `configDir` unset = the default dir; `capsule` unset = default targets. */
+export interface GlobalOptions {
+  capsule?: string | undefined;
+  all?: boolean | undefined;
+  output: OutputFormat;
+  configDir?: string | undefined;
+  /** timeoutMs is the per-target deadline. */
+  timeoutMs: number;
+}
+
+/** Session carries one invocation's IO, flags and resulting exit code. */
+export class Session {
+  readonly io: CliIO;
+  readonly globals: GlobalOptions;
+  readonly configDir: string;
+  /** exitCode is what the process exits with unless an error escapes (then 1). */
+  exitCode = 0;
+
+  constructor(io: CliIO, globals: GlobalOptions) {
+    this.io = io;
+    this.globals = globals;
+    this.configDir = globals.configDir || defaultConfigDir(io.env);
+  }
+
+  /** output is the `-o` format. */
+  get output(): OutputFormat {
+    return this.globals.output;
+  }
+
+  /** out writes to stdout. */
+  out(text: string): void {
+    if (text) this.io.stdout.write(text);
+  }
+
+  /** err writes to stderr. */
+  err(text: string): void {
+    if (text) this.io.stderr.write(text);
+  }
+
+  /** loadConfig reads the config dir's contexts. */
+  loadConfig(): Promise<CapsuleConfig> {
+    return loadConfig(this.configDir);
+  }
+
+  /** saveConfig writes the contexts atomically. */
+  saveConfig(cfg: CapsuleConfig): Promise<void> {
+    return saveConfig(this.configDir, cfg);
+  }
+
+  /** targets resolves `--capsule` / `--all` / `$CAPSULE_HOST` / the current context. */
+  async targets(): Promise<Target[]> {
+    return resolveTargets(await this.loadConfig(), this.globals, this.io.env);
+  }
+
+  /**
+   * isMulti says whether output takes the several-targets shape (CAPSULE column, JSON list):
+   * more than one target, or `--all` even when it selects one, so scripts see one shape.
+   */
+  isMulti(targets: readonly Target[]): boolean {
+    return targets.length > 1 || this.globals.all === true;
+  }
+
+  /**
+   * rpc calls `method` on every selected target in parallel (see fanOut), with a fresh token
+   * per call and the `--timeout` deadline per target. `request` builds each target's request.
+   */
+  async rpc<V>(
+    method: string,
+    request: (t: Target) => object,
+  ): Promise<{ results: FanOutResult<Target, V>[]; multi: boolean }> {
+    const targets = await this.targets();
+    const signer = await loadOperatorKey(this.configDir);
+    const deadlineMs = this.globals.timeoutMs;
+    const results = await fanOut(
+      targets,
+      async (t, signal) => {
+        const client = this.io.dial(endpointOf(t), signer);
+        // Closing the channel on abort stops a hung call from keeping the process alive.
+        const onAbort = () => client.close();
+        signal.addEventListener("abort", onAbort, { once: true });
+        try {
+          return await client.call<V>(method, request(t), { deadlineMs });
+        } finally {
+          signal.removeEventListener("abort", onAbort);
+          client.close();
+        }
+      },
+      { deadlineMs, label: (t) => t.name },
+    );
+    return { results, multi: this.isMulti(targets) };
+  }
+
+  /** show prints fan-out results through `view` and records a failure in the exit code. */
+  show<V, R>(results: readonly FanOutResult<Target, V>[], view: View<V, R>, multi: boolean): void {
+    const r = renderResults(results, view, this.output, { multi });
+    this.out(r.stdout);
+    this.err(r.stderr);
+    if (r.exitCode) this.exitCode = r.exitCode;
+  }
+
+  /** rpcAndShow is the whole of a read command: fan the RPC out, print through `view`. */
+  async rpcAndShow<V, R>(method: string, request: (t: Target) => object, view: View<V, R>): Promise<void> {
+    const { results, multi } = await this.rpc<V>(method, request);
+    this.show(results, view, multi);
+  }
+
+  /** print prints one local value: raw for json/yaml, else `table()`'s text. */
+  print(value: unknown, table: () => string): void {
+    const f = this.output;
+    this.out(f === "json" || f === "yaml" ? renderObject(value, f) : table());
+  }
+}
