@@ -36,16 +36,16 @@ export interface Dataplane {
     privateKeyFile: string;
     logFile: string;
   }): Promise<{ mode: "kernel" | "userspace"; adopted: boolean }>;
-  sync(c: WgInterfaceConfig): Promise<void>;
+  sync(c: WgInterfaceConfig): Promise<unknown>;
   dump(): Promise<WgDump>;
 }
 
 /** HostNet is what the fabric needs of the host's network stack (implemented by the Netlink seam). */
 export interface HostNet {
-  ensureAddress(iface: string, cidr: string): Promise<void>;
-  removeAddress(iface: string, cidr: string): Promise<void>;
-  setLinkUp(iface: string): Promise<void>;
-  setSysctl(key: string, value: string): Promise<void>;
+  ensureAddress(iface: string, cidr: string): Promise<unknown>;
+  removeAddress(iface: string, cidr: string): Promise<unknown>;
+  setLinkUp(iface: string): Promise<unknown>;
+  setSysctl(key: string, value: string): Promise<unknown>;
 }
 
 /** PeerCaller calls an enrolled peer's API over the fabric, signed with this capsule's peer key. */

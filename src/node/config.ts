@@ -19,6 +19,8 @@ export interface DaemonConfig {
   edge: boolean;
   acmeCa: string;
   publicAddress: string | undefined;
+  /** fabric is false with --no-fabric (API-only: tests on loopback, hosts without WireGuard). */
+  fabric: boolean;
 }
 
 /** DaemonFlags are the raw flag values as parsed from the command line (all optional). */
@@ -35,6 +37,8 @@ export interface DaemonFlags {
   edge?: boolean;
   acmeCa?: string;
   publicAddress?: string;
+  /** fabric: commander sets false for --no-fabric. */
+  fabric?: boolean;
 }
 
 /** LETS_ENCRYPT_DIRECTORY is the default ACME directory. */
@@ -99,5 +103,6 @@ export function resolveConfig(f: DaemonFlags): DaemonConfig {
     edge: f.edge ?? false,
     acmeCa,
     publicAddress: f.publicAddress ?? endpoint?.host,
+    fabric: f.fabric ?? true,
   };
 }

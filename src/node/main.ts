@@ -21,6 +21,7 @@ const program = new Command("capsuled")
   .option("--edge", "run Caddy and serve as an edge")
   .option("--acme-ca <url|internal>", "ACME directory URL, or internal for Caddy's own CA")
   .option("--public-address <ip>", "address visitors reach (default: the --endpoint address)")
+  .option("--no-fabric", "serve the API only: no WireGuard interface (tests, hosts without WireGuard)")
   .action(async (flags: DaemonFlags) => {
     const config = resolveConfig(flags);
     const agent = await startAgent(config);

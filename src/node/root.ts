@@ -1,16 +1,25 @@
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import type { Server as HttpServer } from "node:http";
 import { join } from "node:path";
 import tls from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import { type Logger, pino } from "pino";
-import { PROTO_DIR, loadProto } from "../api/proto.js";
+import { loadProto, PROTO_DIR } from "../api/proto.js";
+import { generateSigner, type Signer, signerFromPem } from "../api/token.js";
 import { CapsuleError, ErrorCode } from "../errors.js";
+import { RpcPeerCaller } from "../fabric/caller.js";
+import { Fabric } from "../fabric/fabric.js";
+import { FabricRepo } from "../fabric/repo.js";
+import { WgClient } from "../fabric/wg.js";
 import { capsuleService } from "./api/capsule-service.js";
+import { fabricService } from "./api/fabric-service.js";
 import { Authenticator } from "./auth.js";
 import { ClaimWindow } from "./claim.js";
 import type { DaemonConfig } from "./config.js";
 import { type Clock, SystemClock } from "./host/clock.js";
+import { RtNetlink } from "./host/netlink.js";
+import { ExecaRunner } from "./host/runner.js";
+import { DetachedSpawner } from "./host/spawner.js";
 import { type Identity, loadOrCreateIdentity } from "./identity.js";
 import { Metrics } from "./metrics.js";
 import { Store } from "./store/store.js";
@@ -20,12 +29,17 @@ export const VERSION: string = JSON.parse(
   readFileSync(join(PROTO_DIR, "..", "package.json"), "utf8"),
 ).version;
 
+/** PEER_KEY_FILE holds the Ed25519 key this capsule signs calls to its peers with (mode 0600). */
+export const PEER_KEY_FILE = "peer.key";
+
 /** Agent is a running capsuled. */
 export interface Agent {
   identity: Identity;
   store: Store;
   /** port is the API port actually bound (useful with --listen HOST:0). */
   port: number;
+  /** fabric is the fabric manager (undefined with --no-fabric). */
+  fabric: Fabric | undefined;
   /** stop closes the API and the database; workloads and the data path are left running. */
   stop(): Promise<void>;
 }
@@ -36,9 +50,27 @@ export interface AgentOverrides {
   log?: Logger;
 }
 
+async function loadPeerSigner(stateDir: string): Promise<Signer> {
+  const path = join(stateDir, PEER_KEY_FILE);
+  if (!existsSync(path)) {
+    const { privatePem } = await generateSigner();
+    writeFileSync(`${path}.tmp`, privatePem, { mode: 0o600 });
+    renameSync(`${path}.tmp`, path);
+  }
+  return signerFromPem(readFileSync(path, "utf8"));
+}
+
+function hostPortText(host: string, port: number): string {
+  return host.includes(":") ? `[${host}]:${port}` : `${host}:${port}`;
+}
+
 /**
  * startAgent is the one composition root: it builds every real implementation (clock, store,
- * identity, authenticator, metrics, API server) and wires them. Nothing else constructs them.
+ * identity, authenticator, command runner, netlink, WireGuard client, metrics, API server)
+ * and wires them. Nothing else constructs them.
+ *
+ * Order matters for restart safety: state opens first, the API comes up, then the fabric is
+ * adopted or created (a running wireguard-go and its peers are kept, not restarted).
  */
 export async function startAgent(config: DaemonConfig, overrides: AgentOverrides = {}): Promise<Agent> {
   // TLS 1.3 only, process-wide: grpc-js offers no per-server minimum version.
@@ -48,68 +80,137 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
   const startedAt = clock.now();
   const store = Store.open(join(config.stateDir, "state.db"));
   const identity = await loadOrCreateIdentity(config.stateDir, store);
-  const auth = new Authenticator(store, clock, identity.id);
+  const fabricRepo = new FabricRepo(store);
+  const auth = new Authenticator(store, clock, identity.id, (kid) => fabricRepo.peerByKeyId(kid));
   const claim = new ClaimWindow(store, clock, config.claimWindowMs);
   const metrics = new Metrics();
+  const peerSigner = await loadPeerSigner(config.stateDir);
 
   const server = new grpc.Server({ "grpc.max_receive_message_length": 64 * 1024 * 1024 });
-  const proto = loadProto();
-  server.addService(
-    proto.capsule.v1.Capsule.service,
-    capsuleService({
-      store,
-      clock,
-      identity,
-      claim,
-      auth,
-      metrics,
-      log,
-      name: config.name,
-      version: VERSION,
-      startedAt,
-    }),
-  );
   const creds = grpc.ServerCredentials.createSsl(
     null,
     [{ private_key: Buffer.from(identity.keyPem), cert_chain: Buffer.from(identity.certPem) }],
     false,
   );
-  const hostPort = config.listen.host.includes(":")
-    ? `[${config.listen.host}]:${config.listen.port}`
-    : `${config.listen.host}:${config.listen.port}`;
-  const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(hostPort, creds, (err, p) =>
-      err
-        ? reject(
-            new CapsuleError(ErrorCode.FailedPrecondition, `cannot listen on ${hostPort}: ${err.message}`, {
-              hint: "is another capsuled using that port? pick another with --listen",
-              cause: err,
-            }),
-          )
-        : resolve(p),
-    ),
+  const bind = (hostPort: string) =>
+    new Promise<number>((resolve, reject) =>
+      server.bindAsync(hostPort, creds, (err, p) =>
+        err
+          ? reject(
+              new CapsuleError(ErrorCode.FailedPrecondition, `cannot listen on ${hostPort}: ${err.message}`, {
+                hint: "is another capsuled using that port? pick another with --listen",
+                cause: err,
+              }),
+            )
+          : resolve(p),
+      ),
+    );
+
+  const runner = new ExecaRunner();
+  const caller = new RpcPeerCaller(peerSigner);
+  let port = 0;
+  const fabricListeners = new Set<string>();
+  const wildcard = config.listen.host === "0.0.0.0" || config.listen.host === "::";
+  let fabric: Fabric | undefined;
+  if (config.fabric) {
+    fabric = new Fabric({
+      repo: fabricRepo,
+      dataplane: new WgClient({
+        iface: config.fabricIface,
+        stateDir: config.stateDir,
+        runner,
+        spawner: new DetachedSpawner(),
+        clock,
+      }),
+      net: new RtNetlink(),
+      caller,
+      clock,
+      log,
+      stateDir: config.stateDir,
+      self: {
+        capsuleId: identity.id,
+        name: config.name,
+        iface: config.fabricIface,
+        listenPort: config.fabricPort,
+        endpoint: config.endpoint ? hostPortText(config.endpoint.host, config.endpoint.port) : "",
+        get apiPort() {
+          return port;
+        },
+        apiCertPem: identity.certPem,
+        apiFingerprint: identity.fingerprint,
+        peerKeyJwk: JSON.stringify(peerSigner.publicJwk),
+      },
+      // Peers call this capsule's API at its fabric address: listen there too (unless --listen
+      // already covers every address).
+      onAddressChange: (address) => {
+        if (wildcard || fabricListeners.has(address)) return;
+        fabricListeners.add(address);
+        bind(hostPortText(address, port)).then(
+          () => log.info({ address: `${address}:${port}` }, "API listening on the fabric"),
+          (e: Error) => log.error({ err: e.message }, "cannot listen on the fabric address"),
+        );
+      },
+    });
+  }
+
+  const proto = loadProto();
+  const deps = { auth, metrics, log };
+  server.addService(
+    proto.capsule.v1.Capsule.service,
+    capsuleService({
+      ...deps,
+      store,
+      clock,
+      identity,
+      claim,
+      name: config.name,
+      version: VERSION,
+      startedAt,
+      fabric: () => ({
+        address: fabric?.isStarted() ? fabric.address : "",
+        wireguardMode: fabric?.wireguardMode ?? "",
+      }),
+    }),
   );
+  server.addService(proto.capsule.v1.Fabric.service, fabricService({ ...deps, fabric, repo: fabricRepo }));
+  port = await bind(hostPortText(config.listen.host, config.listen.port));
+
   let metricsServer: HttpServer | undefined;
   if (config.metrics) metricsServer = await metrics.serve(config.metrics.host, config.metrics.port);
 
   const prune = setInterval(() => store.pruneTokens(clock.now()), 60_000);
   prune.unref();
 
+  // The fabric comes up after the API so a broken data plane can still be diagnosed remotely;
+  // a failure is retried with backoff, never fatal.
+  let fabricRetry: NodeJS.Timeout | undefined;
+  const startFabric = async (attempt: number): Promise<void> => {
+    if (!fabric) return;
+    try {
+      await fabric.start();
+    } catch (e) {
+      const delay = Math.min(30_000, 1000 * 2 ** attempt);
+      log.error({ err: (e as Error).message, retryInMs: delay }, "fabric start failed");
+      fabricRetry = setTimeout(() => void startFabric(attempt + 1), delay);
+      fabricRetry.unref();
+    }
+  };
+  await startFabric(0);
+
   log.info(
-    {
-      id: identity.id,
-      fingerprint: identity.fingerprint,
-      listen: `${config.listen.host}:${port}`,
-      proto: PROTO_DIR,
-    },
+    { id: identity.id, fingerprint: identity.fingerprint, listen: hostPortText(config.listen.host, port) },
     "capsuled started",
   );
   return {
     identity,
     store,
     port,
+    fabric,
     async stop() {
       clearInterval(prune);
+      if (fabricRetry) clearTimeout(fabricRetry);
+      fabric?.stop();
+      caller.close();
       await new Promise<void>((r) => server.tryShutdown(() => r()));
       if (metricsServer) await new Promise<void>((r) => metricsServer?.close(() => r()));
       store.close();

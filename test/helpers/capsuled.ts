@@ -33,6 +33,8 @@ export interface StartOptions {
   port?: number;
   args?: string[];
   timeoutMs?: number;
+  /** fabric starts the WireGuard fabric (needs a namespace of its own); default off on loopback. */
+  fabric?: boolean;
 }
 
 /** tempDir makes a temp dir that the caller must remove (see cleanup). */
@@ -54,6 +56,7 @@ export function startDaemon(opts: StartOptions = {}): Promise<Daemon> {
     `127.0.0.1:${opts.port ?? 0}`,
     "--log-level",
     "info",
+    ...(opts.fabric ? [] : ["--no-fabric"]),
     ...(opts.args ?? []),
   ];
   const proc = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
