@@ -1,4 +1,5 @@
 import { X509Certificate } from "node:crypto";
+import type { Socket } from "node:net";
 import { connect as tlsConnect, type PeerCertificate } from "node:tls";
 import * as grpc from "@grpc/grpc-js";
 import { CapsuleError, ErrorCode } from "../errors.js";
@@ -9,6 +10,13 @@ import { AUTH_METADATA, mintRpcToken, type Signer } from "./token.js";
 
 /** TLS_SERVER_NAME is the SNI every client sends; identity comes from the key pin, never the name. */
 export const TLS_SERVER_NAME = "capsule";
+
+/**
+ * HANDSHAKE_TIMEOUT_MS bounds one TLS handshake of a channel. grpc-js has no such bound: a
+ * server that accepts TCP but never answers the ClientHello would hold a connection attempt
+ * (and a long-lived channel's every later call) in CONNECTING for as long as the socket lives.
+ */
+export const HANDSHAKE_TIMEOUT_MS = 10_000;
 
 /** Endpoint is a pinned capsule: where it listens, the certificate we trust and its key fingerprint. */
 export interface Endpoint {
@@ -50,22 +58,109 @@ export function pinCheck(expected: string) {
   };
 }
 
-/** RpcClient calls one capsule's services with a fresh token each call. */
+/**
+ * ClosingCredentials wraps grpc-js TLS credentials so that a connection still in its TLS
+ * handshake dies with the channel. grpc-js (1.14) keeps the socket of a connection attempt in a
+ * local variable of its connector until the handshake ends, and closing the channel never
+ * reaches it: the attempt goes on, its socket stays referenced, and a process that dropped a
+ * target at its deadline cannot exit. The one hook grpc-js does call on close is the secure
+ * connector's `destroy()` (when the subchannel's last reference goes), so this connector
+ * remembers the sockets it is handshaking on and destroys them there. It also bounds every
+ * handshake by `handshakeTimeoutMs`, so a long-lived channel retries with backoff instead of
+ * waiting on a mute server for ever.
+ *
+ * What it cannot reach is the TCP connect before the handshake (grpc-js owns that socket
+ * until it is connected): a SYN to a black-holed address lives until the kernel gives up.
+ */
+class ClosingCredentials extends grpc.ChannelCredentials {
+  constructor(
+    private readonly inner: grpc.ChannelCredentials,
+    private readonly handshakeTimeoutMs: number,
+  ) {
+    super();
+  }
+
+  override _isSecure(): boolean {
+    return this.inner._isSecure();
+  }
+
+  override _equals(other: grpc.ChannelCredentials): boolean {
+    return other === this;
+  }
+
+  override _createSecureConnector(
+    ...args: Parameters<grpc.ChannelCredentials["_createSecureConnector"]>
+  ): grpc.experimental.SecureConnector {
+    const inner = this.inner._createSecureConnector(...args);
+    // Each handshake in flight, by its TCP socket: `abort` destroys the socket and fails it.
+    const handshaking = new Map<Socket, (why: Error) => void>();
+    let destroyed = false;
+    const timeoutMs = this.handshakeTimeoutMs;
+    return {
+      connect(socket) {
+        if (destroyed) {
+          // The channel closed while grpc-js was still connecting TCP.
+          socket.destroy();
+          return Promise.reject(new Error("channel closed"));
+        }
+        const attempt = inner.connect(socket);
+        // Settled by the race below or never: either way, not an unhandled rejection.
+        attempt.catch(() => {});
+        let timer: NodeJS.Timeout | undefined;
+        const aborted = new Promise<never>((_, reject) => {
+          const abort = (why: Error) => {
+            socket.destroy();
+            reject(why);
+          };
+          handshaking.set(socket, abort);
+          timer = setTimeout(() => abort(new Error(`no TLS handshake within ${timeoutMs} ms`)), timeoutMs);
+        });
+        return Promise.race([attempt, aborted]).finally(() => {
+          clearTimeout(timer);
+          handshaking.delete(socket);
+        });
+      },
+      waitForReady: () => inner.waitForReady(),
+      getCallCredentials: () => inner.getCallCredentials(),
+      destroy() {
+        destroyed = true;
+        for (const abort of [...handshaking.values()]) abort(new Error("channel closed"));
+        inner.destroy();
+      },
+    };
+  }
+}
+
+/** RpcClientOptions: `handshakeTimeoutMs` bounds each TLS handshake (optional; default {@link HANDSHAKE_TIMEOUT_MS}). */
+export interface RpcClientOptions {
+  handshakeTimeoutMs?: number;
+}
+
+/**
+ * RpcClient calls one capsule's services with a fresh token each call. {@link RpcClient.close}
+ * releases everything, a connection still in its TLS handshake included, so a process that
+ * closed its clients can exit.
+ */
 export class RpcClient {
   private readonly services = new Map<string, grpc.Client & Record<string, unknown>>();
   private readonly creds: grpc.ChannelCredentials;
   readonly endpoint: Endpoint;
   private readonly tokens: TokenSource;
   private readonly label: string;
+  /** probes are the explain() probes in flight; close() aborts them. */
+  private readonly probes = new Set<AbortController>();
 
-  constructor(endpoint: Endpoint, signer: Signer | null, tokens?: TokenSource) {
+  constructor(endpoint: Endpoint, signer: Signer | null, tokens?: TokenSource, opts: RpcClientOptions = {}) {
     this.endpoint = endpoint;
     this.label = endpoint.label ?? endpoint.address;
     this.tokens =
       tokens ?? (async (method) => (signer ? mintRpcToken(signer, endpoint.capsuleId, method) : null));
-    this.creds = grpc.credentials.createSsl(Buffer.from(endpoint.certPem), null, null, {
-      checkServerIdentity: pinCheck(endpoint.fingerprint),
-    });
+    this.creds = new ClosingCredentials(
+      grpc.credentials.createSsl(Buffer.from(endpoint.certPem), null, null, {
+        checkServerIdentity: pinCheck(endpoint.fingerprint),
+      }),
+      opts.handshakeTimeoutMs ?? HANDSHAKE_TIMEOUT_MS,
+    );
   }
 
   private service(name: string): grpc.Client & Record<string, unknown> {
@@ -115,20 +210,30 @@ export class RpcClient {
         fn.call(svc, request, md, { deadline }, (err, res) => (err ? reject(err) : resolve(res)));
       });
     } catch (e) {
-      throw await this.explain(e as grpc.ServiceError);
+      throw await this.explain(e as grpc.ServiceError, deadline);
     }
   }
 
   /** explain turns a transport failure into the precise reason: a pin mismatch names both keys. */
-  private async explain(e: grpc.ServiceError): Promise<CapsuleError> {
+  private async explain(e: grpc.ServiceError, deadline: number): Promise<CapsuleError> {
     const ce = fromServiceError(e, this.label);
     if (ce.code !== ErrorCode.Unreachable) return ce;
-    // The handshake may have failed on the pin. Probe once, only to name what the server presents.
+    // The handshake may have failed on the pin. Probe once, only to name what the server
+    // presents: within what is left of the call's deadline (a pin failure is quick, so some is
+    // left), and cut short by close().
     let probe: ProbeResult;
+    const ac = new AbortController();
+    this.probes.add(ac);
     try {
-      probe = await probeCertificate(this.endpoint.address, 3000);
+      probe = await probeCertificate(
+        this.endpoint.address,
+        Math.max(250, Math.min(3000, deadline - Date.now())),
+        ac.signal,
+      );
     } catch {
       return ce;
+    } finally {
+      this.probes.delete(ac);
     }
     if (probe.fingerprint !== this.endpoint.fingerprint) {
       return new CapsuleError(
@@ -144,10 +249,15 @@ export class RpcClient {
     return ce;
   }
 
-  /** close releases the channel. */
+  /**
+   * close releases the channel, a connection still in its TLS handshake included (see
+   * ClosingCredentials), and aborts a pin probe in flight. Idempotent.
+   */
   close(): void {
     for (const c of this.services.values()) c.close();
     this.services.clear();
+    for (const ac of this.probes) ac.abort();
+    this.probes.clear();
   }
 }
 
@@ -159,11 +269,17 @@ export interface ProbeResult {
 
 /**
  * probeCertificate connects without trusting anything, to show an operator the fingerprint
- * before pinning (TOFU) or to name a mismatch. It never sends a token or any request.
+ * before pinning (TOFU) or to name a mismatch. It never sends a token or any request. It
+ * gives up after `timeoutMs` (CAPSULE_TIMEOUT) or when `signal` aborts (its reason).
  */
-export function probeCertificate(address: string, timeoutMs = 5000): Promise<ProbeResult> {
+export function probeCertificate(
+  address: string,
+  timeoutMs = 5000,
+  signal?: AbortSignal,
+): Promise<ProbeResult> {
   const { host, port } = splitHostPort(address);
   return new Promise((resolve, reject) => {
+    if (signal?.aborted) return reject(signal.reason);
     const sock = tlsConnect({
       host,
       port,
@@ -173,6 +289,7 @@ export function probeCertificate(address: string, timeoutMs = 5000): Promise<Pro
       minVersion: "TLSv1.3",
     });
     const timer = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
       sock.destroy();
       reject(
         new CapsuleError(ErrorCode.Timeout, `${address}: no TLS handshake within ${timeoutMs} ms`, {
@@ -180,8 +297,18 @@ export function probeCertificate(address: string, timeoutMs = 5000): Promise<Pro
         }),
       );
     }, timeoutMs);
-    sock.once("secureConnect", () => {
+    const onAbort = () => {
       clearTimeout(timer);
+      sock.destroy();
+      reject(signal?.reason);
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+    const settle = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", onAbort);
+    };
+    sock.once("secureConnect", () => {
+      settle();
       const raw = sock.getPeerCertificate().raw;
       sock.end();
       if (!raw)
@@ -190,7 +317,7 @@ export function probeCertificate(address: string, timeoutMs = 5000): Promise<Pro
       resolve({ fingerprint: spkiFingerprint(x), certPem: x.toString() });
     });
     sock.once("error", (err) => {
-      clearTimeout(timer);
+      settle();
       reject(
         new CapsuleError(ErrorCode.Unreachable, `${address}: ${err.message}`, {
           hint: "check that capsuled runs there and listens on that address",

@@ -111,6 +111,24 @@ export function errorObject(e: CapsuleError): ErrorObject {
   return e.hint ? { code: e.code, message: e.message, hint: e.hint } : { code: e.code, message: e.message };
 }
 
+const BYTE_UNITS = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+
+/**
+ * humanBytes renders a byte count as wg(8) does: "512 B", "1.50 KiB", "3.27 GiB". Accepts a
+ * number or a decimal string (uint64 counters arrive as strings); anything else is "". Pure.
+ */
+export function humanBytes(n: number | string): string {
+  const v = typeof n === "string" ? Number(n) : n;
+  if (!Number.isFinite(v) || v < 0) return "";
+  let unit = 0;
+  let x = v;
+  while (x >= 1024 && unit < BYTE_UNITS.length - 1) {
+    x /= 1024;
+    unit++;
+  }
+  return unit === 0 ? `${x} B` : `${x.toFixed(2)} ${BYTE_UNITS[unit]}`;
+}
+
 /** renderKeyValues renders "Key:   value" lines, values aligned, for one object in table form. Pure. */
 export function renderKeyValues(pairs: readonly (readonly [string, Cell])[]): string {
   const w = Math.max(0, ...pairs.map(([k]) => k.length + 1));

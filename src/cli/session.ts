@@ -5,6 +5,7 @@
  */
 import { type Endpoint, type ProbeResult, probeCertificate, RpcClient } from "../api/client.js";
 import type { Signer } from "../api/token.js";
+import { invalidArgument } from "../errors.js";
 import { type CapsuleConfig, defaultConfigDir, loadConfig, loadOperatorKey, saveConfig } from "./config.js";
 import { fanOut, type FanOutResult } from "./fanout.js";
 import { type OutputFormat, renderObject, renderResults, type View } from "./output.js";
@@ -121,9 +122,24 @@ export class Session {
     request: (t: Target) => object,
   ): Promise<{ results: FanOutResult<Target, V>[]; multi: boolean }> {
     const targets = await this.targets();
+    const results = await this.rpcTo<V>(targets, method, request);
+    return { results, multi: this.isMulti(targets) };
+  }
+
+  /**
+   * rpcTo calls `method` on the given targets in parallel, as {@link rpc} does for the
+   * selected ones. `deadlineMs` unset = the `--timeout` deadline. Never rejects for a target's
+   * failure: each target's outcome is in its result.
+   */
+  async rpcTo<V>(
+    targets: readonly Target[],
+    method: string,
+    request: (t: Target) => object,
+    opts: { deadlineMs?: number } = {},
+  ): Promise<FanOutResult<Target, V>[]> {
     const signer = await loadOperatorKey(this.configDir);
-    const deadlineMs = this.globals.timeoutMs;
-    const results = await fanOut(
+    const deadlineMs = opts.deadlineMs ?? this.globals.timeoutMs;
+    return fanOut(
       targets,
       async (t, signal) => {
         const client = this.io.dial(endpointOf(t), signer);
@@ -139,7 +155,26 @@ export class Session {
       },
       { deadlineMs, label: (t) => t.name },
     );
-    return { results, multi: this.isMulti(targets) };
+  }
+
+  /** callOne calls `method` on one target (see {@link rpcTo}) and returns its answer or throws its error. */
+  async callOne<V>(target: Target, method: string, request: object): Promise<V> {
+    const [r] = await this.rpcTo<V>([target], method, () => request);
+    if (!r) throw new Error("callOne: no result");
+    if (!r.ok) throw r.error;
+    return r.value;
+  }
+
+  /**
+   * target resolves one context by name (or a pinned HOST:PORT), for commands whose arguments
+   * name capsules (`fabric enroll A B`). Errors as {@link targets} does.
+   */
+  async target(name: string): Promise<Target> {
+    if (name.includes(",")) throw invalidArgument("capsule", `"${name}": name one capsule, not a list`);
+    const found = resolveTargets(await this.loadConfig(), { capsule: name }, this.io.env);
+    const [t] = found;
+    if (!t || found.length !== 1) throw invalidArgument("capsule", `"${name}" must name exactly one capsule`);
+    return t;
   }
 
   /** show prints fan-out results through `view` and records a failure in the exit code. */

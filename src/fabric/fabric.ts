@@ -1,3 +1,4 @@
+import { channel } from "node:diagnostics_channel";
 import { existsSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Logger } from "pino";
@@ -20,6 +21,9 @@ import { generateWgKey, isWgKey, wgPublicKey } from "./keys.js";
 import { chooseHub, type PeerState, planPeers } from "./peers.js";
 import type { FabricRepo, InventoryEntry, PeerRef, PeerRow } from "./repo.js";
 import type { WgDump, WgInterfaceConfig } from "./wgconf.js";
+
+/** configuredChannel publishes `{iface, peers, warnings}` after every applied sync (lifecycle event, not a log). */
+export const configuredChannel = channel("capsule:fabric:configured");
 
 /** WG_KEY_FILE holds this capsule's WireGuard private key (mode 0600, never sent anywhere). */
 export const WG_KEY_FILE = "wg.key";
@@ -640,6 +644,13 @@ export class Fabric {
         listenPort: this.o.self.listenPort,
         peers: plan.peers,
       });
+      if (configuredChannel.hasSubscribers) {
+        configuredChannel.publish({
+          iface: this.o.self.iface,
+          peers: plan.peers.length,
+          warnings: this.lastWarnings,
+        });
+      }
       this.o.onChange?.();
     });
     this.applying = run.catch(() => {});

@@ -1,5 +1,5 @@
 import { createServer, type Server } from "node:http";
-import { Counter, collectDefaultMetrics, Histogram, Registry } from "prom-client";
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
 
 /** Metrics holds capsuled's Prometheus registry; later subsystems register their own series on it. */
 export class Metrics {
@@ -20,6 +20,55 @@ export class Metrics {
 
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: "capsuled_" });
+  }
+
+  /**
+   * registerFabric adds per-peer WireGuard gauges, read from `status` at scrape time (so they
+   * are never stale and cost nothing between scrapes).
+   */
+  registerFabric(
+    status: () => Promise<
+      { name: string; handshakeAgeSeconds: number; rxBytes: string; txBytes: string; up: boolean }[]
+    >,
+  ): void {
+    let last: Awaited<ReturnType<typeof status>> = [];
+    const refresh = async () => {
+      last = await status().catch(() => []);
+    };
+    new Gauge({
+      name: "capsule_fabric_peers_up",
+      help: "Enrolled peers with a WireGuard handshake in the last 3 minutes.",
+      registers: [this.registry],
+      async collect() {
+        await refresh();
+        this.set(last.filter((p) => p.up).length);
+      },
+    });
+    new Gauge({
+      name: "capsule_fabric_handshake_age_seconds",
+      help: "Seconds since the latest WireGuard handshake with each peer (-1: never).",
+      labelNames: ["peer"] as const,
+      registers: [this.registry],
+      collect() {
+        this.reset();
+        for (const p of last) this.set({ peer: p.name }, p.handshakeAgeSeconds);
+      },
+    });
+    for (const [dir, key] of [
+      ["rx", "rxBytes"],
+      ["tx", "txBytes"],
+    ] as const) {
+      new Gauge({
+        name: `capsule_fabric_${dir}_bytes`,
+        help: `Bytes ${dir === "rx" ? "received from" : "sent to"} each peer over WireGuard (since the interface came up).`,
+        labelNames: ["peer"] as const,
+        registers: [this.registry],
+        collect() {
+          this.reset();
+          for (const p of last) this.set({ peer: p.name }, Number(p[key]));
+        },
+      });
+    }
   }
 
   /** serve exposes /metrics over plain HTTP on host:port (meant for a local or fabric-only address). */

@@ -153,6 +153,11 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     });
   }
 
+  if (fabric) {
+    const f = fabric;
+    metrics.registerFabric(async () => (f.isStarted() ? (await f.status()).peers : []));
+  }
+
   const proto = loadProto();
   const deps = { auth, metrics, log };
   server.addService(
