@@ -27,6 +27,8 @@ export const configuredChannel = channel("capsule:fabric:configured");
 
 /** WG_KEY_FILE holds this capsule's WireGuard private key (mode 0600, never sent anywhere). */
 export const WG_KEY_FILE = "wg.key";
+/** KEY_SWITCH_GRACE_MS is how long a peer keeps the old key after acknowledging a key change. */
+export const KEY_SWITCH_GRACE_MS = 250;
 /** RESYNC_MS is the period of the full repair pass (re-apply WireGuard, re-push inventory). */
 export const RESYNC_MS = 30_000;
 /** HANDSHAKE_UP_SECONDS: a peer with a handshake this recent counts as up. */
@@ -48,6 +50,7 @@ export interface Dataplane {
 export interface HostNet {
   ensureAddress(iface: string, cidr: string): Promise<unknown>;
   removeAddress(iface: string, cidr: string): Promise<unknown>;
+  listAddresses(iface: string): Promise<string[]>;
   setLinkUp(iface: string): Promise<unknown>;
   setSysctl(key: string, value: string): Promise<unknown>;
 }
@@ -107,6 +110,8 @@ export interface FabricOptions {
   stateDir: string;
   self: FabricIdentity;
   resyncMs?: number;
+  /** keySwitchGraceMs: see {@link KEY_SWITCH_GRACE_MS} (tests set 0). */
+  keySwitchGraceMs?: number;
   /** onChange is told after every applied change of peers or inventories (policy and edge recompile). */
   onChange?: () => void;
   /** onAddressChange is told when this capsule's fabric address is (re)assigned, e.g. to listen on it. */
@@ -200,7 +205,7 @@ export class Fabric {
     this.mode = r.mode;
     // The /10 on the interface gives the connected route for the whole fabric; WireGuard's
     // AllowedIPs then pick the peer per /32.
-    await this.o.net.ensureAddress(s.iface, `${this.address}/10`);
+    await this.ensureOnlyAddress();
     await this.o.net.setLinkUp(s.iface);
     // Forwarding lets this capsule serve as a hub for peers that are both behind NAT.
     await this.o.net.setSysctl("net.ipv4.ip_forward", "1");
@@ -219,6 +224,19 @@ export class Fabric {
     );
     this.timer = setInterval(() => void this.resync(), this.o.resyncMs ?? RESYNC_MS);
     this.timer.unref();
+  }
+
+  /**
+   * ensureOnlyAddress makes the interface carry exactly this capsule's address: a stale one
+   * (an interrupted repool, a restored state dir) would otherwise be picked as the source of
+   * outgoing packets and dropped by every peer's cryptokey routing.
+   */
+  private async ensureOnlyAddress(): Promise<void> {
+    const want = `${this.address}/10`;
+    for (const a of await this.o.net.listAddresses(this.o.self.iface)) {
+      if (a !== want) await this.o.net.removeAddress(this.o.self.iface, a);
+    }
+    await this.o.net.ensureAddress(this.o.self.iface, want);
   }
 
   /** stop ends the periodic resync; the interface and tunnels stay up (restart safety). */
@@ -518,7 +536,14 @@ export class Fabric {
           updatedAt: new Date(this.o.clock.now()).toISOString(),
         });
     });
-    await this.apply();
+    // Answer first, switch a moment later: the acknowledgement must still leave on the old
+    // session, or the rotating capsule never hears it (the peer's reply would be encrypted for
+    // a key it does not hold yet).
+    const t = setTimeout(
+      () => void this.apply().catch(() => {}),
+      this.o.keySwitchGraceMs ?? KEY_SWITCH_GRACE_MS,
+    );
+    t.unref();
   }
 
   /**
@@ -538,6 +563,10 @@ export class Fabric {
         failed.push(`${p.name}: ${(e as Error).message}`);
       }
     }
+    // Switch after the peers did (they wait KEY_SWITCH_GRACE_MS after answering), so the first
+    // handshake with the new key meets peers that already expect it.
+    if (notified.length > 0)
+      await new Promise((r) => setTimeout(r, 2 * (this.o.keySwitchGraceMs ?? KEY_SWITCH_GRACE_MS)));
     const tmp = `${this.keyFile}.tmp`;
     writeFileSync(tmp, `${next.privateKey}\n`, { mode: 0o600 });
     renameSync(tmp, this.keyFile);
@@ -567,10 +596,7 @@ export class Fabric {
       this.o.repo.setPool(next);
       this.o.repo.bumpGeneration();
     });
-    if (this.started) {
-      await this.o.net.removeAddress(this.o.self.iface, `${old}/10`);
-      await this.o.net.ensureAddress(this.o.self.iface, `${this.address}/10`);
-    }
+    if (this.started) await this.ensureOnlyAddress();
     this.o.log.info({ from: old, to: this.address }, "moved to a new address pool");
     this.o.onAddressChange?.(this.address);
     return this.selfInfo();

@@ -38,11 +38,20 @@ export class FakeDataplane implements Dataplane {
 /** FakeHostNet records canonical `ip`/`sysctl` lines. */
 export class FakeHostNet implements HostNet {
   readonly lines: string[] = [];
+  readonly addresses = new Map<string, Set<string>>();
   async ensureAddress(iface: string, cidr: string): Promise<void> {
-    this.lines.push(`ip addr replace ${cidr} dev ${iface}`);
+    const set = this.addresses.get(iface) ?? new Set();
+    this.addresses.set(iface, set);
+    if (set.has(cidr)) return;
+    set.add(cidr);
+    this.lines.push(`ip addr add ${cidr} dev ${iface}`);
   }
   async removeAddress(iface: string, cidr: string): Promise<void> {
+    if (!this.addresses.get(iface)?.delete(cidr)) return;
     this.lines.push(`ip addr del ${cidr} dev ${iface}`);
+  }
+  async listAddresses(iface: string): Promise<string[]> {
+    return [...(this.addresses.get(iface) ?? [])].sort();
   }
   async setLinkUp(iface: string): Promise<void> {
     this.lines.push(`ip link set ${iface} up`);

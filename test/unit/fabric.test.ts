@@ -64,6 +64,7 @@ async function makeNode(
     log: pino({ level: "silent" }),
     stateDir: dir,
     resyncMs: 3_600_000,
+    keySwitchGraceMs: 0,
     self: {
       capsuleId: `cap-${name}`,
       name,
@@ -104,7 +105,7 @@ t.test("start: address, forwarding, key file private", async (t) => {
   const mesh = new Map<string, Node>();
   const a = await makeNode(t, "edge", "192.0.2.10:51820", 1, mesh);
   t.same(a.net.lines, [
-    "ip addr replace 100.64.1.1/10 dev capsule0",
+    "ip addr add 100.64.1.1/10 dev capsule0",
     "ip link set capsule0 up",
     "sysctl net.ipv4.ip_forward=1",
   ]);
@@ -211,7 +212,7 @@ t.test("enroll: a pool conflict is refused and repool is the way out", async (t)
   t.not(moved.pool, 7);
   t.match(
     b.net.lines.join("\n"),
-    /ip addr del 100\.64\.7\.1\/10 dev capsule0\nip addr replace 100\.\d+\.\d+\.1\/10 dev capsule0/,
+    /ip addr del 100\.64\.7\.1\/10 dev capsule0\nip addr add 100\.\d+\.\d+\.1\/10 dev capsule0/,
   );
   await enroll(a, b);
   await b.fabric.reserve("x", {});
