@@ -25,24 +25,50 @@ async function main(): Promise<void> {
   process.stderr.write(info.stderr);
   if (info.exitCode !== 0) process.exitCode = info.exitCode;
   say();
+  const sel = { prefix: plan.prefix, labDir: plan.labDir };
+  const ctl = async (args: string[]) => {
+    say(`$ capsulectl ${args.join(" ")}`);
+    const r = await capsulectl(args, sel);
+    process.stdout.write(r.stdout);
+    process.stderr.write(r.stderr);
+    if (r.exitCode !== 0) throw new Error(`capsulectl ${args.join(" ")} failed (exit ${r.exitCode})`);
+    say();
+  };
+  say("Enrolling the WireGuard fabric: each home with the edge, and the two homes with each other");
+  say("(both are behind NAT, so their traffic is relayed by the edge; the choice is automatic).");
+  await ctl(["fabric", "enroll", "edge", "homeA"]);
+  await ctl(["fabric", "enroll", "edge", "homeB"]);
+  await ctl(["fabric", "enroll", "homeA", "homeB"]);
+  // Let the first handshakes happen so the status shows them.
+  const start = Date.now();
+  while (Date.now() - start < 5000) {
+    const r = await capsulectl(["--capsule", "homeA", "fabric", "status", "-o", "json"], sel);
+    const rows = JSON.parse(r.stdout || "{}") as { peers?: { handshakeAgeSeconds: number }[] };
+    if ((rows.peers ?? []).every((p) => p.handshakeAgeSeconds >= 0)) break;
+    await new Promise((res) => setTimeout(res, 250));
+  }
+  await ctl(["--all", "fabric", "status"]);
   say("What you are looking at:");
   say(`  - each capsule runs its own capsuled in its own network and mount namespace (private /run);`);
   say(
     `  - the operator (${plan.prefix}-op) reaches each one over a point-to-point 203.0.113.x/30 admin link;`,
   );
   say(
-    `  - home capsules sit behind NAT routers (198.51.100.x LANs): the internet (192.0.2.0/24) cannot reach them.`,
+    `  - home capsules sit behind NAT routers (198.51.100.x LANs): the internet (192.0.2.0/24) cannot reach them;`,
   );
+  say("  - every capsule has a stable fabric address in 100.64.0.0/10 on its WireGuard interface capsule0");
+  say("    (wireguard-go here: this kernel has no WireGuard module); homeA and homeB talk through the edge.");
   say();
+  say("What comes next (later issues): run workloads (capsulectl apply), allow traffic with policies,");
   say(
-    "What comes next (later issues): enroll the capsules into the WireGuard fabric (capsulectl fabric enroll),",
+    "and publish a workload at the edge (capsulectl expose ... --edge edge) for the visitor in the client namespace.",
   );
-  say("run workloads (capsulectl apply), allow traffic with policies, and publish a workload at the edge");
-  say("(capsulectl expose ... --edge edge) for the visitor in the client namespace.");
   say();
   say("Try it:");
   say("  npm run lab -- ctl -- --capsule homeA capsule info       # capsulectl as the operator");
   say("  npm run lab -- exec homeA -- ip addr                      # a shell command inside a capsule");
+  say("  npm run lab -- exec homeA -- wg show capsule0              # the WireGuard view");
+  say("  npm run lab -- ctl -- --all fabric peers -o wide");
   say("  npm run lab -- exec client -- bash                        # be the visitor on the internet");
   say(`  less ${plan.capsules[0]?.logFile ?? `${plan.labDir}/<capsule>/capsuled.log`}`);
   say();

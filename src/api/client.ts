@@ -69,8 +69,11 @@ export function pinCheck(expected: string) {
  * handshake by `handshakeTimeoutMs`, so a long-lived channel retries with backoff instead of
  * waiting on a mute server for ever.
  *
- * What it cannot reach is the TCP connect before the handshake (grpc-js owns that socket
- * until it is connected): a SYN to a black-holed address lives until the kernel gives up.
+ * What it cannot reach: the TCP connect before the handshake (grpc-js owns that socket until
+ * it is connected; a SYN to a black-holed address lives until the kernel gives up), and the
+ * wait for the server's HTTP/2 SETTINGS after it (grpc-node issue 2785; the socket is grpc-js's
+ * transport by then, and destroying it here would also cut calls a closed channel lets finish).
+ * capsuled sends SETTINGS at once, so only a middlebox could stall there.
  */
 class ClosingCredentials extends grpc.ChannelCredentials {
   constructor(

@@ -4,7 +4,7 @@
  * every file 0600, and every write is atomic (a crash never leaves half a file behind).
  */
 import { randomBytes, X509Certificate } from "node:crypto";
-import { chmod, link, mkdir, readFile, rename, stat, unlink, writeFile } from "node:fs/promises";
+import { chmod, link, mkdir, open, readFile, rename, stat, unlink, writeFile } from "node:fs/promises";
 import { homedir, hostname, userInfo } from "node:os";
 import { join } from "node:path";
 import { parse as parseYaml, stringify as stringifyYaml } from "yaml";
@@ -17,6 +17,12 @@ import { CapsuleError, ErrorCode, invalidArgument } from "../errors.js";
 export const CONFIG_FILE = "config.yaml";
 /** OPERATOR_KEY_FILE is the name of the operator's private key inside the config dir. */
 export const OPERATOR_KEY_FILE = "operator.key";
+/** LOCK_FILE serializes read-modify-write of `config.yaml` between capsulectl processes (see {@link updateConfig}). */
+export const LOCK_FILE = "config.lock";
+/** LOCK_WAIT_MS is how long {@link updateConfig} waits for another capsulectl's lock. */
+export const LOCK_WAIT_MS = 10_000;
+/** LOCK_STALE_MS is the age after which a lock is taken to be left behind by a crashed capsulectl. */
+export const LOCK_STALE_MS = 30_000;
 
 /** Context is one pinned capsule. Every field is required. */
 export interface Context {
@@ -227,6 +233,84 @@ export async function saveConfig(dir: string, cfg: CapsuleConfig): Promise<void>
     throw new CapsuleError(ErrorCode.Internal, `${file}: cannot write: ${(e as Error).message}`, {
       cause: e,
     });
+  }
+}
+
+async function lockIsStale(file: string): Promise<boolean> {
+  try {
+    const [st, text] = await Promise.all([stat(file), readFile(file, "utf8")]);
+    if (Date.now() - st.mtimeMs > LOCK_STALE_MS) return true;
+    const pid = Number(text.trim());
+    if (!Number.isInteger(pid) || pid <= 0) return false; // being written: not stale yet
+    try {
+      process.kill(pid, 0);
+      return false;
+    } catch (e) {
+      return (e as NodeJS.ErrnoException).code === "ESRCH";
+    }
+  } catch {
+    return false; // gone already: the next attempt takes it
+  }
+}
+
+/**
+ * lockConfig takes the config dir's lock (an exclusively created {@link LOCK_FILE} holding
+ * our pid) and returns its release. A lock whose process is gone, or older than
+ * {@link LOCK_STALE_MS}, is broken; one held longer than {@link LOCK_WAIT_MS} is an error.
+ */
+async function lockConfig(dir: string): Promise<() => Promise<void>> {
+  await ensureConfigDir(dir);
+  const file = join(dir, LOCK_FILE);
+  const until = Date.now() + LOCK_WAIT_MS;
+  for (let delay = 5; ; delay = Math.min(100, delay * 2)) {
+    try {
+      const h = await open(file, "wx", 0o600);
+      try {
+        await h.writeFile(`${process.pid}\n`);
+      } finally {
+        await h.close();
+      }
+      return () => unlink(file).catch(() => {});
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code !== "EEXIST") {
+        throw new CapsuleError(ErrorCode.Internal, `${file}: cannot lock: ${(e as Error).message}`, {
+          cause: e,
+        });
+      }
+    }
+    if (await lockIsStale(file)) {
+      await unlink(file).catch(() => {});
+      continue;
+    }
+    if (Date.now() > until) {
+      throw new CapsuleError(ErrorCode.FailedPrecondition, `${file} is held by another capsulectl`, {
+        hint: `wait for it to finish; if none is running, remove ${file}`,
+      });
+    }
+    await new Promise((r) => setTimeout(r, delay + Math.random() * delay));
+  }
+}
+
+/**
+ * updateConfig reads, changes and writes `config.yaml` under the config dir's lock, so
+ * capsulectl processes running at once (parallel adopts) never lose each other's changes.
+ * `change` gets the current config and returns the one to save, or undefined to save
+ * nothing; what it throws aborts the update. Resolves with what was saved (or the config as
+ * it was). Creates the config dir (0700).
+ */
+export async function updateConfig(
+  dir: string,
+  change: (cfg: CapsuleConfig) => CapsuleConfig | undefined | Promise<CapsuleConfig | undefined>,
+): Promise<CapsuleConfig> {
+  const release = await lockConfig(dir);
+  try {
+    const cfg = await loadConfig(dir);
+    const next = await change(cfg);
+    if (next === undefined) return cfg;
+    await saveConfig(dir, next);
+    return next;
+  } finally {
+    await release();
   }
 }
 

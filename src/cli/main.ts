@@ -29,9 +29,12 @@ if (isEntryPoint()) {
     });
   }
   process.exitCode = await run(process.argv.slice(2));
-  // The answer is printed; nothing may keep the command alive now. A target abandoned at its
-  // deadline can leave a socket behind (grpc-js does not destroy a connection stuck in its TLS
-  // handshake when the channel closes). Unref'd, so a clean exit is not delayed by it; stdout
-  // and stderr are synchronous for files and pipes on POSIX, so nothing printed is lost.
+  // The answer is printed; nothing may keep the command alive now. RpcClient.close() ends
+  // connections stuck in their TLS handshake (see ClosingCredentials in src/api/client.ts), but
+  // grpc-js keeps two phases out of reach: the TCP connect (a target dropped at its deadline
+  // while its SYN goes unanswered, e.g. a host that is off behind a dropping firewall, holds a
+  // socket until the kernel gives up, about two minutes) and the wait for HTTP/2 SETTINGS after
+  // the handshake. Unref'd, so a clean exit is not delayed by it; stdout and stderr are
+  // synchronous for files and pipes on POSIX, so nothing printed is lost.
   setTimeout(() => process.exit(), 200).unref();
 }

@@ -10,6 +10,15 @@ import { formatError, toCapsuleError } from "../errors.js";
 import { adopt } from "./commands/adopt.js";
 import { capsuleInfo } from "./commands/capsule.js";
 import { contextDelete, contextList, contextShow, contextUse } from "./commands/context.js";
+import {
+  fabricEnroll,
+  fabricInventory,
+  fabricPeers,
+  fabricRepool,
+  fabricRotateKey,
+  fabricStatus,
+  fabricUnenroll,
+} from "./commands/fabric.js";
 import { operatorAdd, operatorList, operatorRemove, operatorWhoami } from "./commands/operator.js";
 import { parseDuration } from "./duration.js";
 import { OUTPUT_FORMATS, type OutputFormat } from "./output.js";
@@ -66,7 +75,7 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
     };
 
   program
-    .description("Control capsules: adopt them, inspect them, manage operator keys.")
+    .description("Control capsules: adopt them, inspect them, join them in a fabric, manage operator keys.")
     .version(cliVersion(), "-V, --version", "print the version")
     .helpOption("-h, --help", "show help")
     .addOption(
@@ -148,6 +157,40 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
     .command("info")
     .description("name, id, version, fabric address, uptime, kernel, WireGuard mode")
     .action(act((s) => capsuleInfo(s)));
+
+  const fabric = program.command("fabric").description("the WireGuard mesh between capsules");
+  fabric
+    .command("enroll")
+    .description("enroll two capsules with each other (either order); a refused enroll changes nothing")
+    .argument("<a>", "context name of one capsule")
+    .argument("<b>", "context name of the other")
+    .action(act((s, a: string, b: string) => fabricEnroll(s, a, b)));
+  fabric
+    .command("unenroll")
+    .description("remove two capsules from each other (both sides)")
+    .argument("<a>", "context name of one capsule")
+    .argument("<b>", "context name of the other")
+    .action(act((s, a: string, b: string) => fabricUnenroll(s, a, b)));
+  fabric
+    .command("status")
+    .description("peers with endpoint, handshake age, rx/tx and relay, wg-style")
+    .action(act((s) => fabricStatus(s)));
+  fabric
+    .command("peers")
+    .description("enrolled peers: address, endpoint, relay, key")
+    .action(act((s) => fabricPeers(s)));
+  fabric
+    .command("rotate-key")
+    .description("make a new WireGuard key and hand it to every peer")
+    .action(act((s) => fabricRotateKey(s)));
+  fabric
+    .command("repool")
+    .description("move a capsule with no peers and no workloads to a free address pool")
+    .action(act((s) => fabricRepool(s)));
+  fabric
+    .command("inventory")
+    .description("addresses on the fabric: this capsule's and its peers' as last received")
+    .action(act((s) => fabricInventory(s)));
 
   const operator = program.command("operator").description("manage the operator keys a capsule accepts");
   operator

@@ -6,7 +6,14 @@
 import { type Endpoint, type ProbeResult, probeCertificate, RpcClient } from "../api/client.js";
 import type { Signer } from "../api/token.js";
 import { invalidArgument } from "../errors.js";
-import { type CapsuleConfig, defaultConfigDir, loadConfig, loadOperatorKey, saveConfig } from "./config.js";
+import {
+  type CapsuleConfig,
+  defaultConfigDir,
+  loadConfig,
+  loadOperatorKey,
+  saveConfig,
+  updateConfig,
+} from "./config.js";
 import { fanOut, type FanOutResult } from "./fanout.js";
 import { type OutputFormat, renderObject, renderResults, type View } from "./output.js";
 import { endpointOf, resolveTargets, type Target } from "./targets.js";
@@ -95,9 +102,16 @@ export class Session {
     return loadConfig(this.configDir);
   }
 
-  /** saveConfig writes the contexts atomically. */
+  /** saveConfig writes the contexts atomically. Prefer {@link updateConfig} for read-modify-write. */
   saveConfig(cfg: CapsuleConfig): Promise<void> {
     return saveConfig(this.configDir, cfg);
+  }
+
+  /** updateConfig changes the contexts under the config dir's lock (see config.ts updateConfig). */
+  updateConfig(
+    change: (cfg: CapsuleConfig) => CapsuleConfig | undefined | Promise<CapsuleConfig | undefined>,
+  ): Promise<CapsuleConfig> {
+    return updateConfig(this.configDir, change);
   }
 
   /** targets resolves `--capsule` / `--all` / `$CAPSULE_HOST` / the current context. */

@@ -1,7 +1,7 @@
 // capsulectl driven in-process through run(): a fake TLS probe and a fake RPC dialer stand in
 // for the network, so every command's argv -> RPC request -> output -> exit code is checked.
 import { generateKeyPairSync } from "node:crypto";
-import { access, mkdtemp, readFile, writeFile } from "node:fs/promises";
+import { access, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Readable } from "node:stream";
@@ -156,6 +156,15 @@ t.test("parsePublicKey: JWK, whoami output, PEM; never a private key", async (t)
 
 // ---------------------------------------------------------------- run() with fakes
 
+// Every temp dir a test makes, removed when the file is done.
+const tmpDirs: string[] = [];
+t.teardown(() => Promise.all(tmpDirs.map((d) => rm(d, { recursive: true, force: true }))));
+async function tmp(prefix: string): Promise<string> {
+  const d = await mkdtemp(join(tmpdir(), prefix));
+  tmpDirs.push(d);
+  return d;
+}
+
 interface Call {
   address: string;
   label: string | undefined;
@@ -195,7 +204,7 @@ async function harness(
   handler: Handler = async () => ({}),
   certs: Record<string, string> = {},
 ): Promise<Harness> {
-  const dir = join(await mkdtemp(join(tmpdir(), "capsulectl-run-")), "cfg");
+  const dir = join(await tmp("capsulectl-run-"), "cfg");
   const calls: Call[] = [];
   const probes: string[] = [];
   const probe = async (address: string): Promise<ProbeResult> => {
@@ -582,7 +591,7 @@ t.test("--all with one context still has the several-targets shape", async (t) =
 });
 
 t.test("operator whoami / add / list / remove", async (t) => {
-  const bobDir = await mkdtemp(join(tmpdir(), "capsulectl-bob-"));
+  const bobDir = await tmp("capsulectl-bob-");
   const h = await harness(async (method, req) => {
     switch (method) {
       case "AddOperator":

@@ -1,4 +1,4 @@
-import { mkdtemp, readdir, readFile, stat, writeFile } from "node:fs/promises";
+import { mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import t from "tap";
@@ -11,9 +11,11 @@ import {
   defaultOperatorName,
   loadConfig,
   loadOperatorKey,
+  LOCK_FILE,
   loadOrCreateOperatorKey,
   OPERATOR_KEY_FILE,
   saveConfig,
+  updateConfig,
   validateConfig,
   validateContextName,
 } from "../../src/cli/config.js";
@@ -55,7 +57,13 @@ function ctx(over: Partial<Context> = {}): Context {
   };
 }
 
-const tmp = () => mkdtemp(join(tmpdir(), "capsulectl-config-"));
+const tmpDirs: string[] = [];
+t.teardown(() => Promise.all(tmpDirs.map((d) => rm(d, { recursive: true, force: true }))));
+const tmp = async () => {
+  const d = await mkdtemp(join(tmpdir(), "capsulectl-config-"));
+  tmpDirs.push(d);
+  return d;
+};
 
 t.test("a missing config file is an empty config", async (t) => {
   const dir = await tmp();
@@ -212,4 +220,57 @@ t.test("context names may not hold ':' or ','", async (t) => {
   for (const bad of ["", "a:b", "a,b", "-x", "a b", "x".repeat(64)]) {
     t.throws(() => validateContextName(bad), { code: ErrorCode.InvalidArgument }, JSON.stringify(bad));
   }
+});
+
+t.test("updateConfig: concurrent read-modify-writes lose nothing (parallel adopts)", async (t) => {
+  const dir = await tmp();
+  const names = Array.from({ length: 20 }, (_, i) => `c${i}`);
+  await Promise.all(
+    names.map((name, i) =>
+      updateConfig(dir, async (cfg) => {
+        // Yield between read and write, as an adopt does: without the lock this loses updates.
+        await new Promise((r) => setTimeout(r, 1 + (i % 5)));
+        return {
+          currentContext: cfg.currentContext ?? name,
+          contexts: [
+            ...cfg.contexts,
+            ctx({
+              name,
+              address: `192.0.2.${i + 1}:50000`,
+              ...(i % 2 ? { certPem: CERT2, fingerprint: FP2 } : {}),
+            }),
+          ],
+        };
+      }),
+    ),
+  );
+  const cfg = await loadConfig(dir);
+  t.same(cfg.contexts.map((c) => c.name).sort(), [...names].sort());
+  t.same(await readdir(dir).then((f) => f.filter((x) => x !== CONFIG_FILE)), [], "no lock or temp file left");
+});
+
+t.test("updateConfig: a change that throws saves nothing; undefined saves nothing", async (t) => {
+  const dir = await tmp();
+  await saveConfig(dir, { currentContext: null, contexts: [ctx({ name: "a" })] });
+  const before = await readFile(join(dir, CONFIG_FILE), "utf8");
+  await t.rejects(
+    updateConfig(dir, () => {
+      throw new CapsuleError(ErrorCode.AlreadyExists, "no");
+    }),
+    { code: ErrorCode.AlreadyExists },
+  );
+  t.same(await updateConfig(dir, () => undefined), await loadConfig(dir));
+  t.equal(await readFile(join(dir, CONFIG_FILE), "utf8"), before);
+  t.same(await readdir(dir).then((f) => f.sort()), [CONFIG_FILE]);
+});
+
+t.test("updateConfig breaks a lock left by a process that is gone", async (t) => {
+  const dir = await tmp();
+  await saveConfig(dir, { currentContext: null, contexts: [] });
+  // A pid that cannot be running: above the kernel's pid_max (at most 2^22).
+  await writeFile(join(dir, LOCK_FILE), "4194305\n", { mode: 0o600 });
+  const t0 = Date.now();
+  await updateConfig(dir, (cfg) => ({ ...cfg, contexts: [ctx({ name: "a" })] }));
+  t.ok(Date.now() - t0 < 2000, "without waiting out the lock");
+  t.equal((await loadConfig(dir)).contexts.length, 1);
 });

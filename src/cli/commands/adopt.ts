@@ -235,9 +235,6 @@ export async function adopt(s: Session, address: string, opts: AdoptOptions): Pr
     client.close();
   }
 
-  // Re-read: another capsulectl may have written the config while we waited on the claim.
-  const cfg = await s.loadConfig();
-  planAdopt(cfg, { name: opts.name, address, fingerprint: probe.fingerprint });
   const ctx: Context = {
     name: opts.name,
     address,
@@ -246,8 +243,13 @@ export async function adopt(s: Session, address: string, opts: AdoptOptions): Pr
     certPem: probe.certPem,
     addedAt: s.io.now().toISOString(),
   };
-  const contexts = [...cfg.contexts.filter((c) => c.name !== ctx.name), ctx];
-  await s.saveConfig({ currentContext: cfg.currentContext ?? ctx.name, contexts });
+  // Under the lock, against the config as it is now: another capsulectl (a parallel adopt)
+  // may have written it while we waited on the claim.
+  await s.updateConfig((cfg) => {
+    planAdopt(cfg, { name: opts.name, address, fingerprint: probe.fingerprint });
+    const contexts = [...cfg.contexts.filter((c) => c.name !== ctx.name), ctx];
+    return { currentContext: cfg.currentContext ?? ctx.name, contexts };
+  });
   report(s, ctx, `adopted ${ctx.name} (${ctx.capsuleId}) at ${ctx.address}, fingerprint ${ctx.fingerprint}`);
 }
 

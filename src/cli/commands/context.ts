@@ -43,9 +43,12 @@ export async function contextList(s: Session): Promise<void> {
 
 /** contextUse makes `name` the current context. Idempotent. */
 export async function contextUse(s: Session, name: string): Promise<void> {
-  const cfg = await s.loadConfig();
-  mustFind(cfg, name);
-  if (cfg.currentContext !== name) await s.saveConfig({ ...cfg, currentContext: name });
+  // Check first without the lock, so a typo changes nothing (not even creating the dir).
+  mustFind(await s.loadConfig(), name);
+  await s.updateConfig((cfg) => {
+    mustFind(cfg, name);
+    return cfg.currentContext === name ? undefined : { ...cfg, currentContext: name };
+  });
   s.out(`switched to context "${name}"\n`);
 }
 
@@ -82,11 +85,16 @@ export async function contextShow(s: Session, name: string | undefined): Promise
  * is current afterwards: silently picking another could aim the next command at the wrong capsule.
  */
 export async function contextDelete(s: Session, name: string): Promise<void> {
-  const cfg = await s.loadConfig();
-  mustFind(cfg, name);
-  const wasCurrent = cfg.currentContext === name;
-  const contexts = cfg.contexts.filter((c) => c.name !== name);
-  await s.saveConfig({ currentContext: wasCurrent ? null : cfg.currentContext, contexts });
+  mustFind(await s.loadConfig(), name);
+  let wasCurrent = false;
+  const { contexts } = await s.updateConfig((cfg) => {
+    mustFind(cfg, name);
+    wasCurrent = cfg.currentContext === name;
+    return {
+      currentContext: wasCurrent ? null : cfg.currentContext,
+      contexts: cfg.contexts.filter((c) => c.name !== name),
+    };
+  });
   s.out(`deleted context "${name}"\n`);
   if (wasCurrent && contexts.length)
     s.err(`hint: no current context now; pick one: capsulectl context use NAME\n`);
