@@ -51,6 +51,11 @@ const RULES: { from: string; mayNot: RegExp; why: string }[] = [
     why: "subsystems use seams, not the agent",
   },
   {
+    from: "src/node/runtime/",
+    mayNot: /^src\/(cli|fabric|edge|migrate)\/|^src\/node\/(?!host\/|store\/|runtime\/)/,
+    why: "the runtime layer uses seams, not the agent",
+  },
+  {
     from: "src/node/host/",
     mayNot: /^src\/(?!errors\.ts|node\/host\/)/,
     why: "seams depend on nothing of ours",

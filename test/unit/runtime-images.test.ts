@@ -1,0 +1,249 @@
+// The image store over a FakeRunner: reference normalization, archive inspection (format, names),
+// the import flow's exact commands, and the errors for bad archives and unknown images.
+import t from "tap";
+import { FakeRunner, type RunResult } from "../../src/node/host/runner.js";
+import type { CtrEndpoint } from "../../src/node/runtime/ctr.js";
+import {
+  archiveFormat,
+  archiveNames,
+  findImage,
+  type ImageInfo,
+  Images,
+  isValidRef,
+  normalizeRef,
+  parseImageList,
+} from "../../src/node/runtime/images.js";
+
+const EP: CtrEndpoint = { address: "/s/containerd.sock", namespace: "capsule", snapshotter: "native" };
+const CTR = "ctr -a /s/containerd.sock -n capsule";
+const D1 = `sha256:${"1".repeat(64)}`;
+
+t.test("normalizeRef spells references as Docker does", async (t) => {
+  const cases: [string, string][] = [
+    ["demo/httpd:1", "docker.io/demo/httpd:1"],
+    ["docker.io/demo/httpd:1", "docker.io/demo/httpd:1"],
+    ["busybox", "docker.io/library/busybox:latest"],
+    ["busybox:1.36", "docker.io/library/busybox:1.36"],
+    ["library/busybox", "docker.io/library/busybox:latest"],
+    ["ghcr.io/a/b:2", "ghcr.io/a/b:2"],
+    ["localhost:5000/a", "localhost:5000/a:latest"],
+    ["localhost/a:1", "localhost/a:1"],
+    [`demo/httpd@${D1}`, `docker.io/demo/httpd@${D1}`],
+    [`demo/httpd:1@${D1}`, `docker.io/demo/httpd:1@${D1}`],
+  ];
+  for (const [ref, want] of cases) t.equal(normalizeRef(ref), want, ref);
+});
+
+t.test("isValidRef", async (t) => {
+  for (const ok of ["demo/httpd:1", "busybox", "ghcr.io/a/b-c_d.e:v1.2", "localhost:5000/a/b", `a@${D1}`])
+    t.ok(isValidRef(ok), ok);
+  for (const bad of ["", "Demo/x", "a b", "a:", "a//b", ":1", "-a", `a@sha256:zz`, "a".repeat(256)])
+    t.notOk(isValidRef(bad), bad);
+});
+
+t.test("archiveFormat: docker manifest.json wins, OCI needs oci-layout; ./ prefixes are fine", async (t) => {
+  t.same(archiveFormat(["oci-layout", "index.json", "blobs/", "blobs/sha256/x"]), {
+    format: "oci",
+    member: "index.json",
+  });
+  t.same(archiveFormat(["./", "./oci-layout", "./index.json"]), { format: "oci", member: "./index.json" });
+  t.same(archiveFormat(["./manifest.json", "./abc.json", "oci-layout", "index.json"]), {
+    format: "docker",
+    member: "./manifest.json",
+  });
+  t.equal(archiveFormat(["index.json"]), undefined, "index.json alone is not a layout");
+  t.equal(archiveFormat(["etc/passwd"]), undefined);
+});
+
+t.test("archiveNames: what ctr will name the images", async (t) => {
+  const idx = (annotations: Record<string, string>[]) =>
+    JSON.stringify({ schemaVersion: 2, manifests: annotations.map((a) => ({ digest: D1, annotations: a })) });
+  t.same(archiveNames("oci", idx([{ "org.opencontainers.image.ref.name": "demo/httpd:1" }])), [
+    "demo/httpd:1",
+  ]);
+  t.same(
+    archiveNames(
+      "oci",
+      idx([
+        {
+          "io.containerd.image.name": "docker.io/library/nginx:1.27",
+          "org.opencontainers.image.ref.name": "1.27",
+        },
+      ]),
+    ),
+    ["docker.io/library/nginx:1.27"],
+    "containerd's full name annotation first",
+  );
+  t.same(
+    archiveNames("oci", idx([{ "org.opencontainers.image.ref.name": "latest" }])),
+    [],
+    "a bare tag names nothing",
+  );
+  t.same(archiveNames("oci", idx([{}])), []);
+  t.same(
+    archiveNames("docker", JSON.stringify([{ RepoTags: ["demo/httpd:2", "busybox"] }, { RepoTags: null }])),
+    ["docker.io/demo/httpd:2", "docker.io/library/busybox:latest"],
+  );
+  t.throws(() => archiveNames("oci", "{"), { code: "CAPSULE_INVALID_ARGUMENT", message: /not JSON/ });
+  t.throws(() => archiveNames("oci", "{}"), { code: "CAPSULE_INVALID_ARGUMENT" });
+  t.throws(() => archiveNames("docker", "{}"), { code: "CAPSULE_INVALID_ARGUMENT" });
+});
+
+const LS =
+  "REF                    TYPE                                                 DIGEST                                                                  SIZE    PLATFORMS   LABELS \n" +
+  `demo/httpd:1           application/vnd.oci.image.manifest.v1+json           ${D1} 1.9 MiB linux/amd64 -      \n` +
+  `docker.io/demo/httpd:2 application/vnd.docker.distribution.manifest.v2+json ${D1} 1.9 MiB linux/amd64 -      \n`;
+
+t.test("parseImageList and findImage", async (t) => {
+  const list = parseImageList(LS);
+  t.same(list[0], {
+    name: "demo/httpd:1",
+    digest: D1,
+    size: Math.round(1.9 * 1024 * 1024),
+    mediaType: "application/vnd.oci.image.manifest.v1+json",
+    platforms: ["linux/amd64"],
+  });
+  const find = (ref: string) => findImage(list, ref)?.name;
+  t.equal(find("demo/httpd:1"), "demo/httpd:1");
+  t.equal(find("docker.io/demo/httpd:1"), "demo/httpd:1");
+  t.equal(find("demo/httpd:2"), "docker.io/demo/httpd:2");
+  t.equal(find("demo/httpd"), undefined, "no :latest");
+});
+
+function store(answers: (c: string) => Partial<RunResult> | undefined) {
+  const runner = new FakeRunner();
+  runner.on((argv) => answers(argv.join(" ")));
+  return { runner, images: new Images({ runner, endpoint: EP }) };
+}
+
+const OCI_INDEX = JSON.stringify({
+  schemaVersion: 2,
+  manifests: [{ digest: D1, annotations: { "org.opencontainers.image.ref.name": "demo/httpd:1" } }],
+});
+
+t.test(
+  "import: inspect, then ctr import into the endpoint's snapshotter, then the imported images",
+  async (t) => {
+    let imported = false;
+    const { runner, images } = store((c) => {
+      if (c === "tar -tf /a/x.tar") return { stdout: "oci-layout\nindex.json\nblobs/\n" };
+      if (c === "tar -xOf /a/x.tar index.json") return { stdout: OCI_INDEX };
+      if (c.startsWith(`${CTR} images import`)) {
+        imported = true;
+        return { stdout: `unpacking demo/httpd:1 (${D1})...done\n` };
+      }
+      if (c === `${CTR} images ls`) return { stdout: imported ? LS : LS.split("\n")[0]! };
+      return undefined;
+    });
+    const got: ImageInfo[] = await images.import("/a/x.tar");
+    t.same(
+      got.map((i) => i.name),
+      ["demo/httpd:1"],
+    );
+    t.same(runner.commands, [
+      "test -f /a/x.tar",
+      "tar -tf /a/x.tar",
+      "tar -xOf /a/x.tar index.json",
+      `${CTR} images import --snapshotter native /a/x.tar`,
+      `${CTR} images ls`,
+    ]);
+  },
+);
+
+t.test("import refuses bad archives before changing anything", async (t) => {
+  const cases: [
+    string,
+    (c: string) => Partial<RunResult> | undefined,
+    { code: string; message?: RegExp; hint?: RegExp },
+  ][] = [
+    [
+      "missing",
+      (c) => (c.startsWith("test -f") ? { exitCode: 1 } : undefined),
+      { code: "CAPSULE_NOT_FOUND" },
+    ],
+    [
+      "not a tar",
+      (c) =>
+        c.startsWith("tar -tf")
+          ? { exitCode: 2, stderr: "tar: This does not look like a tar archive\n" }
+          : undefined,
+      { code: "CAPSULE_INVALID_ARGUMENT", message: /not a tar archive/, hint: /docker save/ },
+    ],
+    [
+      "not an image",
+      (c) => (c.startsWith("tar -tf") ? { stdout: "etc/passwd\n" } : undefined),
+      { code: "CAPSULE_INVALID_ARGUMENT", message: /not an image archive/ },
+    ],
+    [
+      "unnamed",
+      (c) =>
+        c.startsWith("tar -tf")
+          ? { stdout: "oci-layout\nindex.json\n" }
+          : c.startsWith("tar -xOf")
+            ? {
+                stdout: JSON.stringify({
+                  manifests: [{ annotations: { "org.opencontainers.image.ref.name": "1" } }],
+                }),
+              }
+            : undefined,
+      { code: "CAPSULE_INVALID_ARGUMENT", message: /names no image/, hint: /ref\.name/ },
+    ],
+  ];
+  for (const [name, answers, want] of cases) {
+    const { runner, images } = store(answers);
+    await t.rejects(images.import("/a/x.tar"), want, name);
+    t.notOk(
+      runner.commands.some((c) => c.includes("images import")),
+      `${name}: nothing imported`,
+    );
+  }
+});
+
+t.test(
+  "import: ctr's failure is CAPSULE_INVALID_ARGUMENT; containerd down is CAPSULE_UNREACHABLE",
+  async (t) => {
+    const base = (c: string) =>
+      c.startsWith("tar -tf")
+        ? { stdout: "oci-layout\nindex.json\n" }
+        : c.startsWith("tar -xOf")
+          ? { stdout: OCI_INDEX }
+          : undefined;
+    const broken = store((c) =>
+      c.includes("images import") ? { exitCode: 1, stderr: "ctr: unexpected EOF\n" } : base(c),
+    );
+    await t.rejects(broken.images.import("/a/x.tar"), {
+      code: "CAPSULE_INVALID_ARGUMENT",
+      message: "import of /a/x.tar failed: unexpected EOF",
+    });
+    const down = store((c) =>
+      c.includes("images import")
+        ? { exitCode: 1, stderr: 'ctr: failed to dial "/s/containerd.sock": context deadline exceeded\n' }
+        : base(c),
+    );
+    await t.rejects(down.images.import("/a/x.tar"), { code: "CAPSULE_UNREACHABLE" });
+    const wrongPlatform = store((c) => (c === `${CTR} images ls` ? { stdout: LS.split("\n")[0]! } : base(c)));
+    await t.rejects(wrongPlatform.images.import("/a/x.tar"), {
+      message: /was not imported/,
+      hint: /platform/,
+    });
+  },
+);
+
+t.test("resolve, has, remove", async (t) => {
+  const { runner, images } = store((c) => (c === `${CTR} images ls` ? { stdout: LS } : undefined));
+  t.equal((await images.resolve("demo/httpd:2")).name, "docker.io/demo/httpd:2");
+  t.equal(await images.has("demo/httpd:1"), true);
+  await t.rejects(images.resolve("demo/none:1"), {
+    code: "CAPSULE_NOT_FOUND",
+    hint: /capsulectl image push/,
+  });
+  await t.rejects(images.resolve("Bad Ref"), { code: "CAPSULE_INVALID_ARGUMENT" });
+  runner.commands.length = 0;
+  t.equal(await images.remove("demo/httpd:2"), true);
+  t.same(runner.commands, [`${CTR} images ls`, `${CTR} images rm --sync docker.io/demo/httpd:2`]);
+  t.equal(await images.remove("demo/none:1"), false);
+  t.same(
+    (await images.list()).map((i) => i.name),
+    ["demo/httpd:1", "docker.io/demo/httpd:2"],
+  );
+});
