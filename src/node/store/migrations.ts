@@ -54,4 +54,37 @@ export const MIGRATIONS: readonly { version: number; sql: string }[] = [
       ) STRICT;
     `,
   },
+  {
+    version: 3,
+    sql: `
+      CREATE TABLE workloads (
+        name        TEXT PRIMARY KEY,
+        spec_json   TEXT NOT NULL,
+        spec_hash   TEXT NOT NULL,
+        generation  INTEGER NOT NULL,
+        desired     TEXT NOT NULL CHECK (desired IN ('running', 'stopped')),
+        address     TEXT NOT NULL UNIQUE,
+        restarts    INTEGER NOT NULL DEFAULT 0,
+        last_exit   INTEGER,
+        events_json TEXT NOT NULL DEFAULT '[]',
+        created_at  TEXT NOT NULL,
+        updated_at  TEXT NOT NULL
+      ) STRICT;
+      CREATE TABLE host_ports (
+        protocol  TEXT NOT NULL,
+        host_port INTEGER NOT NULL,
+        workload  TEXT NOT NULL REFERENCES workloads(name) ON DELETE CASCADE,
+        port      INTEGER NOT NULL,
+        PRIMARY KEY (protocol, host_port)
+      ) STRICT;
+      CREATE TABLE volumes (
+        name       TEXT PRIMARY KEY,
+        size_bytes INTEGER NOT NULL,
+        backend    TEXT NOT NULL,
+        path       TEXT NOT NULL,
+        used_by    TEXT,
+        created_at TEXT NOT NULL
+      ) STRICT;
+    `,
+  },
 ];
