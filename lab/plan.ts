@@ -11,6 +11,7 @@
  * - operator links 203.0.113.(4k)/30, one per capsule in slot k (see {@link mgmtSlot}): operator
  *   side .4k+1, capsule side .4k+2.
  */
+import { DAEMON_NODE_FLAGS } from "../src/node/node-flags.js";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { invalidArgument } from "../src/errors.js";
@@ -369,6 +370,7 @@ export function planLab(options: LabOptions & { repoDir: string; nodeBin: string
       daemon === "capsuled"
         ? [
             nodeBin,
+            ...DAEMON_NODE_FLAGS,
             join(repoDir, "dist/src/node/main.js"),
             "--name",
             c.name,

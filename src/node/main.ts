@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --optimize-for-size --max-semi-space-size=1
 import { Command } from "commander";
 import { formatError } from "../errors.js";
 import { type DaemonFlags, resolveConfig } from "./config.js";

@@ -1,3 +1,4 @@
+import { DAEMON_NODE_FLAGS } from "../../src/node/node-flags.js";
 import { type ChildProcess, spawn } from "node:child_process";
 import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -59,7 +60,9 @@ export function startDaemon(opts: StartOptions = {}): Promise<Daemon> {
     ...(opts.fabric ? [] : ["--no-fabric"]),
     ...(opts.args ?? []),
   ];
-  const proc = spawn(process.execPath, args, { stdio: ["ignore", "pipe", "pipe"] });
+  const proc = spawn(process.execPath, [...DAEMON_NODE_FLAGS, ...args], {
+    stdio: ["ignore", "pipe", "pipe"],
+  });
   let stderr = "";
   proc.stderr?.on("data", (d) => {
     stderr += String(d);

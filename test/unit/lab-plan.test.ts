@@ -115,6 +115,8 @@ t.test("planLab: default lab is an edge, two homes behind NAT, a client and the 
   const edge = plan.capsules[0]!;
   t.same(edge.argv, [
     "/usr/bin/node",
+    "--optimize-for-size",
+    "--max-semi-space-size=1",
     "/repo/dist/src/node/main.js",
     "--name",
     "edge",
