@@ -13,7 +13,13 @@ const median = (xs: number[]) => {
 
 async function iperf(lab: Lab, server: string, client: string, ip: string, seconds: number): Promise<number> {
   // Detach with its output closed, or exec would wait for the server's stdout to close.
-  await lab.exec(server, ["setsid", "-f", "sh", "-c", `exec iperf3 -s -1 -B ${ip} -p 5201 >/dev/null 2>&1 </dev/null`]);
+  await lab.exec(server, [
+    "setsid",
+    "-f",
+    "sh",
+    "-c",
+    `exec iperf3 -s -1 -B ${ip} -p 5201 >/dev/null 2>&1 </dev/null`,
+  ]);
   await new Promise((r) => setTimeout(r, 300));
   const r = await lab.exec(client, ["iperf3", "-c", ip, "-p", "5201", "-t", String(seconds), "-J"], {
     timeoutMs: (seconds + 15) * 1000,

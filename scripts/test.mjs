@@ -14,7 +14,7 @@ function step(label, cmd, args) {
 }
 
 if (!process.argv.slice(2).length) {
-  step("lint (biome)", "npx", ["biome", "check", "."]);
+  step("lint (eslint, prettier)", "npm", ["run", "--silent", "lint"]);
   step("typecheck (tsc)", "npx", ["tsc", "-p", "tsconfig.json", "--noEmit"]);
 }
 const totals = { pass: 0, fail: 0, skip: 0 };

@@ -376,15 +376,13 @@ export class Fabric {
       peerKeyJwk: peer.peerKeyJwk,
       peerKeyId: await jwkThumbprint(JSON.parse(peer.peerKeyJwk)),
       relayVia: hub?.capsuleId,
-      peers: peer.peers.map(
-        (q): PeerRef => ({
-          capsuleId: q.capsuleId,
-          name: q.name,
-          endpoint: q.endpoint || undefined,
-          pool: q.pool,
-          relayVia: q.relayVia || undefined,
-        }),
-      ),
+      peers: peer.peers.map((q): PeerRef => ({
+        capsuleId: q.capsuleId,
+        name: q.name,
+        endpoint: q.endpoint || undefined,
+        pool: q.pool,
+        relayVia: q.relayVia || undefined,
+      })),
       inventory: inv?.entries ?? existing?.inventory ?? [],
       inventoryGen: inv ? BigInt(inv.generation || "0") : (existing?.inventoryGen ?? 0n),
       enrolledAt: existing?.enrolledAt ?? now,

@@ -128,8 +128,7 @@ export class FabricRepo {
   /** peerByKeyId finds a peer by the key id of its peer-call signing key. */
   peerByKeyId(kid: string): PeerRow | undefined {
     const r = this.store.db.prepare("SELECT * FROM fabric_peers WHERE peer_key_id = ?").get(kid) as
-      | RawPeer
-      | undefined;
+      RawPeer | undefined;
     return r ? fromRaw(r) : undefined;
   }
 

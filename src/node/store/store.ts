@@ -102,8 +102,7 @@ export class Store {
   /** getMeta returns a meta value, or undefined when unset. */
   getMeta(key: string): string | undefined {
     const row = this.db.prepare("SELECT value FROM meta WHERE key = ?").get(key) as
-      | { value: string }
-      | undefined;
+      { value: string } | undefined;
     return row?.value;
   }
 
