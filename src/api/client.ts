@@ -38,6 +38,27 @@ export interface CallOptions {
   token?: string | null;
 }
 
+/**
+ * StreamCallOptions are {@link CallOptions} for the streaming calls: `deadlineMs` null means no
+ * deadline at all (a followed log stream); `signal` (optional) cancels the call when it aborts,
+ * which then fails with the signal's reason when that is an Error.
+ */
+export interface StreamCallOptions {
+  deadlineMs?: number | null;
+  token?: string | null;
+  signal?: AbortSignal;
+}
+
+/** DEFAULT_DEADLINE_MS bounds a call whose options name no deadline. */
+const DEFAULT_DEADLINE_MS = 10_000;
+
+/** Prepared is one call made ready: the service client, the method function and its metadata. */
+interface Prepared {
+  svc: grpc.Client & Record<string, unknown>;
+  fn: (...args: unknown[]) => unknown;
+  md: grpc.Metadata;
+}
+
 type TokenSource = (method: string) => Promise<string | null>;
 
 /**
@@ -185,35 +206,134 @@ export class RpcClient {
   }
 
   /**
-   * call invokes one unary method: "Service/Method" ("Fabric/Status"), or a bare method name
-   * for the Capsule service ("Info").
+   * prepare resolves "Service/Method" (or a bare Capsule method) to its client function and
+   * mints the call's own token: every call, streaming or not, carries a fresh one.
    */
-  async call<Res>(method: string, request: object, opts: CallOptions = {}): Promise<Res> {
+  private async prepare(method: string, token: string | null | undefined): Promise<Prepared> {
     const [svcName, methodName] = method.includes("/")
       ? (method.split("/") as [string, string])
       : ["Capsule", method];
     const path = `/capsule.v1.${svcName}/${methodName}`;
     const svc = this.service(svcName);
-    const token = opts.token !== undefined ? opts.token : await this.tokens(path);
-    const md = new grpc.Metadata();
-    if (token) md.set(AUTH_METADATA, `Bearer ${token}`);
-    const deadline = Date.now() + (opts.deadlineMs ?? 10_000);
     const lower = methodName.charAt(0).toLowerCase() + methodName.slice(1);
-    const fn = svc[lower] as
-      | ((
-          req: object,
-          md: grpc.Metadata,
-          o: grpc.CallOptions,
-          cb: (e: grpc.ServiceError | null, r: Res) => void,
-        ) => void)
-      | undefined;
-    if (!fn) throw new CapsuleError(ErrorCode.Internal, `unknown method ${method}`);
+    const fn = svc[lower] as Prepared["fn"] | undefined;
+    if (typeof fn !== "function") throw new CapsuleError(ErrorCode.Internal, `unknown method ${method}`);
+    const tok = token !== undefined ? token : await this.tokens(path);
+    const md = new grpc.Metadata();
+    if (tok) md.set(AUTH_METADATA, `Bearer ${tok}`);
+    return { svc, fn, md };
+  }
+
+  /**
+   * call invokes one unary method: "Service/Method" ("Fabric/Status"), or a bare method name
+   * for the Capsule service ("Info").
+   */
+  async call<Res>(method: string, request: object, opts: CallOptions = {}): Promise<Res> {
+    const { svc, fn, md } = await this.prepare(method, opts.token);
+    const deadline = Date.now() + (opts.deadlineMs ?? DEFAULT_DEADLINE_MS);
     try {
       return await new Promise<Res>((resolve, reject) => {
-        fn.call(svc, request, md, { deadline }, (err, res) => (err ? reject(err) : resolve(res)));
+        fn.call(svc, request, md, { deadline }, (err: grpc.ServiceError | null, res: Res) =>
+          err ? reject(err) : resolve(res),
+        );
       });
     } catch (e) {
       throw await this.explain(e as grpc.ServiceError, deadline);
+    }
+  }
+
+  /**
+   * callClientStream invokes a client-streaming method ("Images/Push"): it writes every message
+   * of `chunks` in order, honouring backpressure, half-closes, and resolves with the one
+   * answer. A failure of `chunks` cancels the call and rejects with that failure; a server
+   * error ends the writing at once. Token, pin check, deadline and errors as {@link call}.
+   */
+  async callClientStream<Res>(
+    method: string,
+    chunks: AsyncIterable<object> | Iterable<object>,
+    opts: StreamCallOptions = {},
+  ): Promise<Res> {
+    const { svc, fn, md } = await this.prepare(method, opts.token);
+    const deadline = deadlineOf(opts);
+    const signal = opts.signal;
+    if (signal?.aborted) throw abortError(signal);
+    let stream: grpc.ClientWritableStream<object> | undefined;
+    const onAbort = () => stream?.cancel();
+    signal?.addEventListener("abort", onAbort, { once: true });
+    try {
+      return await new Promise<Res>((resolve, reject) => {
+        let settled = false;
+        let wake: (() => void) | undefined;
+        const settle = () => {
+          settled = true;
+          wake?.();
+        };
+        stream = fn.call(svc, md, { deadline }, (err: grpc.ServiceError | null, res: Res) => {
+          settle();
+          if (err) reject(err);
+          else resolve(res);
+        }) as grpc.ClientWritableStream<object>;
+        const s = stream;
+        const pump = async () => {
+          for await (const chunk of chunks) {
+            if (settled) return;
+            if (!s.write(chunk)) {
+              // Wait for room, or for the call to end (then drain never comes).
+              await new Promise<void>((r) => {
+                wake = r;
+                s.once("drain", r);
+              });
+              s.removeListener("drain", wake as () => void);
+              wake = undefined;
+            }
+          }
+          if (!settled) s.end();
+        };
+        pump().catch((e: unknown) => {
+          settle();
+          s.cancel();
+          reject(new LocalStreamError(e));
+        });
+      });
+    } catch (e) {
+      if (e instanceof LocalStreamError) throw e.inner;
+      if (signal?.aborted) throw abortError(signal);
+      throw await this.explain(e as grpc.ServiceError, deadline);
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+    }
+  }
+
+  /**
+   * callServerStream invokes a server-streaming method ("Workloads/Logs") and yields its
+   * messages as they arrive. Breaking out of the loop cancels the call. `deadlineMs: null`
+   * streams for as long as the server does (follow); `signal` cancels. Token, pin check and
+   * errors as {@link call}.
+   */
+  async *callServerStream<Res>(
+    method: string,
+    request: object,
+    opts: StreamCallOptions = {},
+  ): AsyncGenerator<Res, void, undefined> {
+    const { svc, fn, md } = await this.prepare(method, opts.token);
+    const deadline = deadlineOf(opts);
+    const signal = opts.signal;
+    if (signal?.aborted) throw abortError(signal);
+    const stream = fn.call(svc, request, md, { deadline }) as grpc.ClientReadableStream<Res>;
+    const onAbort = () => stream.cancel();
+    signal?.addEventListener("abort", onAbort, { once: true });
+    let ended = false;
+    try {
+      for await (const msg of stream) yield msg as Res;
+      ended = true;
+    } catch (e) {
+      ended = true;
+      if (signal?.aborted) throw abortError(signal);
+      throw await this.explain(e as grpc.ServiceError, deadline);
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      // The consumer stopped early: tell the server instead of leaving the stream open.
+      if (!ended) stream.cancel();
     }
   }
 
@@ -261,6 +381,26 @@ export class RpcClient {
     this.services.clear();
     for (const ac of this.probes) ac.abort();
     this.probes.clear();
+  }
+}
+
+/** deadlineOf is the absolute deadline of a streaming call: Infinity (none) for `deadlineMs: null`. */
+function deadlineOf(opts: StreamCallOptions): number {
+  return opts.deadlineMs === null
+    ? Number.POSITIVE_INFINITY
+    : Date.now() + (opts.deadlineMs ?? DEFAULT_DEADLINE_MS);
+}
+
+/** abortError is what a call cancelled through its signal fails with: the signal's reason when it is an Error. */
+function abortError(signal: AbortSignal): Error {
+  const r: unknown = signal.reason;
+  return r instanceof Error ? r : new CapsuleError(ErrorCode.Internal, "cancelled", { cause: r });
+}
+
+/** LocalStreamError carries a failure of the caller's own chunk source past the gRPC error mapping. */
+class LocalStreamError extends Error {
+  constructor(readonly inner: unknown) {
+    super("local stream error");
   }
 }
 

@@ -10,8 +10,7 @@ export const DEFAULT_CONCURRENCY = 16;
 
 /** FanOutResult is one target's outcome: its value, or the error it failed with. */
 export type FanOutResult<K, T> =
-  | { target: K; ok: true; value: T }
-  | { target: K; ok: false; error: CapsuleError };
+  { target: K; ok: true; value: T } | { target: K; ok: false; error: CapsuleError };
 
 /** FanOutOptions: `deadlineMs` is required; `concurrency` defaults to 16; `label` defaults to String(target). */
 export interface FanOutOptions<K> {

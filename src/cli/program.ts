@@ -19,7 +19,19 @@ import {
   fabricStatus,
   fabricUnenroll,
 } from "./commands/fabric.js";
+import { DEFAULT_PUSH_TIMEOUT_MS, imageList, imagePush } from "./commands/image.js";
 import { operatorAdd, operatorList, operatorRemove, operatorWhoami } from "./commands/operator.js";
+import { volumeCreate, volumeDelete, volumeList } from "./commands/volume.js";
+import {
+  apply,
+  type LifecycleVerb,
+  workloadDelete,
+  workloadExec,
+  workloadGet,
+  workloadLifecycle,
+  workloadList,
+  workloadLogs,
+} from "./commands/workload.js";
 import { parseDuration } from "./duration.js";
 import { OUTPUT_FORMATS, type OutputFormat } from "./output.js";
 import { type CliIO, defaultIO, type GlobalOptions, Session } from "./session.js";
@@ -37,6 +49,26 @@ export function cliVersion(): string {
     dir = dirname(dir);
   }
   return "0.0.0";
+}
+
+/** durationArg parses a duration flag ("10s", "2m") for commander, naming only the problem and fix. */
+function durationArg(flag: string) {
+  return (v: string): number => {
+    try {
+      return parseDuration(v, flag);
+    } catch (e) {
+      // commander names the option itself; keep only the problem and the fix.
+      const ce = toCapsuleError(e);
+      const problem = ce.message.replace(new RegExp(`^${flag}: `), "");
+      throw new InvalidArgumentError(ce.hint ? `${problem}; ${ce.hint}` : problem);
+    }
+  };
+}
+
+/** countArg parses a non-negative integer flag (--tail). */
+function countArg(v: string): number {
+  if (!/^\d+$/.test(v)) throw new InvalidArgumentError("not a whole number of lines");
+  return Number(v);
 }
 
 interface RawGlobals {
@@ -75,7 +107,9 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
     };
 
   program
-    .description("Control capsules: adopt them, inspect them, join them in a fabric, manage operator keys.")
+    .description(
+      "Control capsules: adopt them, inspect them, join them in a fabric, run workloads, manage operator keys.",
+    )
     .version(cliVersion(), "-V, --version", "print the version")
     .helpOption("-h, --help", "show help")
     .addOption(
@@ -92,16 +126,7 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
     .addOption(
       new Option("--timeout <duration>", "per-capsule deadline, e.g. 10s, 1m")
         .default(10_000, "10s")
-        .argParser((v) => {
-          try {
-            return parseDuration(v, "--timeout");
-          } catch (e) {
-            // commander names the option itself; keep only the problem and the fix.
-            const ce = toCapsuleError(e);
-            const problem = ce.message.replace(/^--timeout: /, "");
-            throw new InvalidArgumentError(ce.hint ? `${problem}; ${ce.hint}` : problem);
-          }
-        }),
+        .argParser(durationArg("--timeout")),
     )
     .exitOverride()
     .configureOutput({
@@ -191,6 +216,116 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
     .command("inventory")
     .description("addresses on the fabric: this capsule's and its peers' as last received")
     .action(act((s) => fabricInventory(s)));
+
+  const image = program.command("image").description("the images in a capsule's image store");
+  image
+    .command("push")
+    .description("stream an OCI-layout or docker-save archive into each capsule's image store")
+    .argument("<archive>", "the .tar archive")
+    .addOption(
+      new Option("--push-timeout <duration>", "bound on each capsule's whole push")
+        .default(DEFAULT_PUSH_TIMEOUT_MS, "10m")
+        .argParser(durationArg("--push-timeout")),
+    )
+    .action(
+      act((s, archive: string, opts: { pushTimeout: number }) =>
+        imagePush(s, archive, { timeoutMs: opts.pushTimeout }),
+      ),
+    );
+  image
+    .command("list")
+    .description("images: reference, digest, size")
+    .action(act((s) => imageList(s)));
+
+  program
+    .command("apply")
+    .description("create or update workloads from manifests (idempotent); validated locally first")
+    .requiredOption("-f, --filename <path>", "a manifest file, or a directory of *.yaml, *.yml, *.json")
+    .option("--wait", "wait until every applied workload runs; fail on failed/backoff")
+    .option("--dry-run", "validate on the capsule and report what would change, changing nothing")
+    .addOption(
+      new Option("--wait-timeout <duration>", "bound on --wait")
+        .default(120_000, "2m")
+        .argParser(durationArg("--wait-timeout")),
+    )
+    .action(
+      act((s, opts: { filename: string; wait?: boolean; dryRun?: boolean; waitTimeout: number }) =>
+        apply(s, {
+          file: opts.filename,
+          wait: opts.wait,
+          dryRun: opts.dryRun,
+          waitTimeoutMs: opts.waitTimeout,
+        }),
+      ),
+    );
+
+  const workload = program.command("workload").description("containers and microVMs on the fabric");
+  workload
+    .command("list")
+    .description("workloads: phase, fabric address, image, restarts, age")
+    .action(act((s) => workloadList(s)));
+  workload
+    .command("get")
+    .description("one workload: status, fabric address, ports, latest events")
+    .argument("<name>")
+    .action(act((s, name: string) => workloadGet(s, name)));
+  for (const [verb, what] of [
+    ["start", "start a stopped workload"],
+    ["stop", "stop a workload (it stays stopped until started)"],
+    ["restart", "restart a workload"],
+  ] as [LifecycleVerb, string][]) {
+    workload
+      .command(verb)
+      .description(what)
+      .argument("<name>")
+      .action(act((s, name: string) => workloadLifecycle(s, verb, name)));
+  }
+  workload
+    .command("delete")
+    .description("delete a workload (idempotent); its volumes stay")
+    .argument("<name>")
+    .action(act((s, name: string) => workloadDelete(s, name)));
+  workload
+    .command("logs")
+    .description("print a workload's output; -f follows until Ctrl-C")
+    .argument("<name>")
+    .option("-f, --follow", "keep streaming new output until Ctrl-C")
+    .option("--tail <lines>", "start with the last N lines (default: all)", countArg)
+    .action(act((s, name: string, opts: { follow?: boolean; tail?: number }) => workloadLogs(s, name, opts)));
+  workload
+    .command("exec")
+    .description("run a command in a workload; exits with its exit code")
+    .argument("<name>")
+    .argument("<cmd...>", "the command and its arguments, after --")
+    .option("-t, --tty", "allocate a terminal (not supported yet)")
+    .option("-i, --stdin", "pass stdin (not supported yet)")
+    .addOption(
+      new Option("--exec-timeout <duration>", "bound on the command")
+        .default(60_000, "60s")
+        .argParser(durationArg("--exec-timeout")),
+    )
+    .action(
+      act((s, name: string, cmd: string[], opts: { tty?: boolean; stdin?: boolean; execTimeout: number }) =>
+        workloadExec(s, name, cmd, { tty: opts.tty, stdin: opts.stdin, timeoutMs: opts.execTimeout }),
+      ),
+    );
+
+  const volume = program.command("volume").description("persistent volumes for workloads");
+  volume
+    .command("create")
+    .description("create a volume")
+    .argument("<name>")
+    .requiredOption("--size <size>", "bytes or a unit: 100M, 512Mi, 1Gi (16Mi to 16Ti)")
+    .action(act((s, name: string, opts: { size: string }) => volumeCreate(s, name, opts.size)));
+  volume
+    .command("list")
+    .description("volumes: size, backend, the workload using each")
+    .action(act((s) => volumeList(s)));
+  volume
+    .command("delete")
+    .description("delete a volume no workload uses (idempotent)")
+    .argument("<name>")
+    .action(act((s, name: string) => volumeDelete(s, name)));
 
   const operator = program.command("operator").description("manage the operator keys a capsule accepts");
   operator

@@ -18,13 +18,14 @@ import { fanOut, type FanOutResult } from "./fanout.js";
 import { type OutputFormat, renderObject, renderResults, type View } from "./output.js";
 import { endpointOf, resolveTargets, type Target } from "./targets.js";
 
-/** Writer is the part of a stream the CLI writes to. */
+/** Writer is the part of a stream the CLI writes to; `isTTY` (optional) says a terminal is attached. */
 export interface Writer {
-  write(chunk: string): unknown;
+  write(chunk: string | Uint8Array): unknown;
+  isTTY?: boolean;
 }
 
 /** RpcCaller is the part of {@link RpcClient} commands use; tests pass a fake through {@link CliIO.dial}. */
-export type RpcCaller = Pick<RpcClient, "call" | "close">;
+export type RpcCaller = Pick<RpcClient, "call" | "close" | "callClientStream" | "callServerStream">;
 
 /** Dial opens a client to one pinned capsule; `signer` null sends no token (Claim). */
 export type Dial = (endpoint: Endpoint, signer: Signer | null) => RpcCaller;
@@ -43,6 +44,10 @@ export interface CliIO {
   probe: Probe;
   /** now is the wall clock (addedAt). */
   now: () => Date;
+  /** onInterrupt runs `fn` on Ctrl-C (SIGINT) instead of dying; the returned function undoes it. */
+  onInterrupt: (fn: () => void) => () => void;
+  /** sleep waits `ms` (polling); tests make it instant. */
+  sleep: (ms: number) => Promise<void>;
 }
 
 /** defaultIO is the real process: its streams and env, real gRPC clients and TLS probes. */
@@ -55,6 +60,11 @@ export function defaultIO(): CliIO {
     dial: (endpoint, signer) => new RpcClient(endpoint, signer),
     probe: (address, timeoutMs) => probeCertificate(address, timeoutMs),
     now: () => new Date(),
+    onInterrupt: (fn) => {
+      process.once("SIGINT", fn);
+      return () => process.removeListener("SIGINT", fn);
+    },
+    sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
   };
 }
 
@@ -151,6 +161,23 @@ export class Session {
     request: (t: Target) => object,
     opts: { deadlineMs?: number } = {},
   ): Promise<FanOutResult<Target, V>[]> {
+    const deadlineMs = opts.deadlineMs ?? this.globals.timeoutMs;
+    return this.withEach(targets, (client, t) => client.call<V>(method, request(t), { deadlineMs }), {
+      deadlineMs,
+    });
+  }
+
+  /**
+   * withEach runs `work` with a fresh client on every target in parallel (see fanOut), for
+   * commands that make more than one unary call per target (streams, apply --wait). The client
+   * is closed when `work` settles or its deadline (`deadlineMs`, default `--timeout`) passes.
+   * Never rejects for a target's failure.
+   */
+  async withEach<V>(
+    targets: readonly Target[],
+    work: (client: RpcCaller, t: Target, signal: AbortSignal) => Promise<V>,
+    opts: { deadlineMs?: number } = {},
+  ): Promise<FanOutResult<Target, V>[]> {
     const signer = await loadOperatorKey(this.configDir);
     const deadlineMs = opts.deadlineMs ?? this.globals.timeoutMs;
     return fanOut(
@@ -161,7 +188,7 @@ export class Session {
         const onAbort = () => client.close();
         signal.addEventListener("abort", onAbort, { once: true });
         try {
-          return await client.call<V>(method, request(t), { deadlineMs });
+          return await work(client, t, signal);
         } finally {
           signal.removeEventListener("abort", onAbort);
           client.close();
@@ -169,6 +196,28 @@ export class Session {
       },
       { deadlineMs, label: (t) => t.name },
     );
+  }
+
+  /** dial opens a client to one target with the operator key; the caller closes it. */
+  async dial(target: Target): Promise<RpcCaller> {
+    return this.io.dial(endpointOf(target), await loadOperatorKey(this.configDir));
+  }
+
+  /**
+   * one resolves the selected targets and insists on exactly one, for commands that talk to a
+   * single capsule (`workload logs`, `workload exec`). `what` names the command in the error.
+   */
+  async one(what: string): Promise<Target> {
+    const targets = await this.targets();
+    const [t] = targets;
+    if (!t || targets.length !== 1) {
+      throw invalidArgument(
+        "--capsule",
+        `${what} talks to one capsule, ${targets.length} selected`,
+        `name it: capsulectl --capsule NAME ${what} ...`,
+      );
+    }
+    return t;
   }
 
   /** callOne calls `method` on one target (see {@link rpcTo}) and returns its answer or throws its error. */
