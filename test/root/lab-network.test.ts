@@ -124,7 +124,7 @@ if (!isRoot()) {
       const sys = await lab.exec(c, ["ls", "/sys/class/net"]);
       t.same(
         sys.stdout.split("\n").filter(Boolean).sort(),
-        ["labtest0", "lan0", "lo", "mgmt0"],
+        ["capsule0", "labtest0", "lan0", "lo", "mgmt0"],
         `${c}: /sys shows its own links`,
       );
       await lab.exec(c, ["ip", "link", "del", "labtest0"]);
