@@ -393,8 +393,9 @@ export class WgClient {
           );
         }
         // A WireGuard-shaped device nobody answers for: its wireguard-go died or hangs. Deleting
-        // the tun makes a hung wireguard-go exit too.
-        await this.c.runner.run(["ip", "link", "del", "dev", this.c.iface]);
+        // the tun makes a hung wireguard-go exit too. A killed wireguard-go's tun can vanish on its
+        // own between our look and the delete (seen in CI): that is the outcome we wanted.
+        await this.deleteLink();
       }
       const mode = await this.create(opts);
       await this.c.runner.run(set);
@@ -466,6 +467,16 @@ export class WgClient {
     });
   }
 
+  /** deleteLink deletes the interface; returns false when it was already gone (not an error). */
+  private async deleteLink(): Promise<boolean> {
+    const argv = ["ip", "link", "del", "dev", this.c.iface];
+    const r = await this.c.runner.run(argv, { allowFailure: true });
+    if (r.exitCode !== 0 && !/does not exist|Cannot find device/i.test(r.stderr)) {
+      throw new CommandError(argv, r.exitCode, r.stdout, r.stderr);
+    }
+    return r.exitCode === 0;
+  }
+
   /**
    * remove deletes the device: the kernel link, or wireguard-go's tun (which makes wireguard-go
    * exit), then waits (bounded) until nothing answers for it and removes its socket. For
@@ -474,11 +485,7 @@ export class WgClient {
    */
   remove(): Promise<boolean> {
     return this.exclusive(async () => {
-      const argv = ["ip", "link", "del", "dev", this.c.iface];
-      const r = await this.c.runner.run(argv, { allowFailure: true });
-      if (r.exitCode !== 0 && !/does not exist|Cannot find device/i.test(r.stderr)) {
-        throw new CommandError(argv, r.exitCode, r.stdout, r.stderr);
-      }
+      const deleted = await this.deleteLink();
       const deadline = this.c.clock.now() + this.c.timeoutMs;
       const pid = this.userspace.pid;
       while (
@@ -499,7 +506,7 @@ export class WgClient {
       await this.userspace.cleanup();
       this.userspace.pid = undefined;
       this.current = undefined;
-      return r.exitCode === 0;
+      return deleted;
     });
   }
 }
