@@ -65,9 +65,20 @@ export function mountDirCommands(plan: LabPlan): LabCommand[] {
   ];
 }
 
-// Run by `sh -c` inside the new mount namespace; $1 is the capsule's run dir.
-const MNTNS_SCRIPT =
-  'umount -l /run/netns 2>/dev/null; mount --bind "$1" /run && mount -t sysfs sysfs /sys && mkdir -p /run/wireguard';
+// Run by `sh -c` inside the new mount namespace; $1 is the capsule's run dir. A fresh sysfs
+// (so /sys/class/net shows this capsule's links) hides the host's cgroup mounts, which runc
+// needs; they are noted first and mounted again: mounting a hierarchy with the same
+// options attaches the host's existing one, so the capsule sees the real cgroup tree.
+const MNTNS_SCRIPT = [
+  "umount -l /run/netns 2>/dev/null",
+  'mount --bind "$1" /run || exit 1',
+  'cg=$(awk \'$3=="cgroup"||$3=="cgroup2"{print $3, $2, $4}\' /proc/self/mounts)',
+  'tmp=$(awk \'$2=="/sys/fs/cgroup"&&$3=="tmpfs"{print 1}\' /proc/self/mounts)',
+  "mount -t sysfs sysfs /sys || exit 1",
+  'if [ -n "$tmp" ]; then mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup || exit 1; fi',
+  'echo "$cg" | while read -r t d o; do [ -z "$t" ] || { mkdir -p "$d" && mount -t "$t" -o "$o" "$t" "$d"; } || exit 1; done || exit 1',
+  "mkdir -p /run/wireguard",
+].join("\n");
 
 /** mountNsCommands creates and pins a capsule's mount namespace (pure; run only when the pin is not mounted). */
 export function mountNsCommands(c: CapsulePlan): LabCommand[] {

@@ -13,6 +13,9 @@ import { FabricRepo } from "../fabric/repo.js";
 import { WgClient } from "../fabric/wg.js";
 import { capsuleService } from "./api/capsule-service.js";
 import { fabricService } from "./api/fabric-service.js";
+import { imageService } from "./api/image-service.js";
+import { volumeService } from "./api/volume-service.js";
+import { workloadService } from "./api/workload-service.js";
 import { Authenticator } from "./auth.js";
 import { ClaimWindow } from "./claim.js";
 import type { DaemonConfig } from "./config.js";
@@ -22,7 +25,16 @@ import { ExecaRunner } from "./host/runner.js";
 import { DetachedSpawner } from "./host/spawner.js";
 import { type Identity, loadOrCreateIdentity } from "./identity.js";
 import { Metrics } from "./metrics.js";
+import { Containerd } from "./runtime/containerd.js";
+import { Containers } from "./runtime/containers.js";
+import { Images } from "./runtime/images.js";
+import { WorkloadNet } from "./runtime/netns.js";
 import { Store } from "./store/store.js";
+import { Workloads } from "./workloads/manager.js";
+import { NftPortForwarder } from "./workloads/nat.js";
+import { Reconciler } from "./workloads/reconciler.js";
+import { WorkloadRepo } from "./workloads/repo.js";
+import { LoopVolumes } from "./workloads/volumes.js";
 
 /** VERSION is the package version, reported by Info. */
 export const VERSION: string = JSON.parse(
@@ -178,6 +190,19 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     }),
   );
   server.addService(proto.capsule.v1.Fabric.service, fabricService({ ...deps, fabric, repo: fabricRepo }));
+  // Workloads need the fabric (their addresses come from it): with --no-fabric, or until the
+  // runtime is up, these services answer CAPSULE_FAILED_PRECONDITION.
+  const volumes = fabric ? new LoopVolumes({ store, runner, stateDir: config.stateDir }) : undefined;
+  let runtime: { images: Images; workloads: Workloads; reconciler: Reconciler } | undefined;
+  server.addService(
+    proto.capsule.v1.Images.service,
+    imageService({ ...deps, images: () => runtime?.images, stateDir: config.stateDir }),
+  );
+  server.addService(
+    proto.capsule.v1.Workloads.service,
+    workloadService({ ...deps, workloads: () => runtime?.workloads }),
+  );
+  server.addService(proto.capsule.v1.Volumes.service, volumeService({ ...deps, volumes }));
   port = await bind(hostPortText(config.listen.host, config.listen.port));
 
   let metricsServer: HttpServer | undefined;
@@ -186,6 +211,64 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
   const prune = setInterval(() => store.pruneTokens(clock.now()), 60_000);
   prune.unref();
 
+  // The workload runtime comes up after the fabric (workload addresses are the fabric's):
+  // containerd adopted or started, volumes adopted, then the reconciler adopts the running
+  // containers. A failure is retried with backoff, never fatal.
+  let runtimeRetry: NodeJS.Timeout | undefined;
+  let stopping = false;
+  const startRuntime = async (attempt: number): Promise<void> => {
+    const f = fabric;
+    if (!f || !volumes || stopping) return;
+    try {
+      const cd = await new Containerd({ runner, spawner: new DetachedSpawner(), clock }).ensure({
+        stateDir: config.stateDir,
+      });
+      const images = new Images({ runner, endpoint: cd.endpoint });
+      const containers = new Containers({
+        runner,
+        clock,
+        endpoint: cd.endpoint,
+        images,
+        dataDir: join(config.stateDir, "containers"),
+        fifoDir: cd.paths.fifoDir,
+      });
+      const net = new WorkloadNet({ runner, netlink: new RtNetlink() });
+      await volumes.start();
+      const ports = new NftPortForwarder({ runner, fabricIface: config.fabricIface });
+      const repo = new WorkloadRepo(store);
+      const reconciler = new Reconciler({
+        repo,
+        containers,
+        net,
+        volumes,
+        ports,
+        hostSrc: () => f.address,
+        clock,
+        log,
+      });
+      const workloads = new Workloads({
+        repo,
+        images,
+        addresses: f,
+        containers,
+        net,
+        reconciler,
+        volumes,
+        ports,
+        clock,
+      });
+      if (stopping) return;
+      runtime = { images, workloads, reconciler };
+      reconciler.start();
+      log.info({ containerd: cd.endpoint.address, adopted: cd.adopted }, "workload runtime started");
+    } catch (e) {
+      const delay = Math.min(30_000, 1000 * 2 ** attempt);
+      log.error({ err: (e as Error).message, retryInMs: delay }, "workload runtime start failed");
+      runtimeRetry = setTimeout(() => void startRuntime(attempt + 1), delay);
+      runtimeRetry.unref();
+    }
+  };
+
   // The fabric comes up after the API so a broken data plane can still be diagnosed remotely;
   // a failure is retried with backoff, never fatal.
   let fabricRetry: NodeJS.Timeout | undefined;
@@ -193,6 +276,7 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     if (!fabric) return;
     try {
       await fabric.start();
+      void startRuntime(0);
     } catch (e) {
       const delay = Math.min(30_000, 1000 * 2 ** attempt);
       log.error({ err: (e as Error).message, retryInMs: delay }, "fabric start failed");
@@ -214,6 +298,9 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     async stop() {
       clearInterval(prune);
       if (fabricRetry) clearTimeout(fabricRetry);
+      stopping = true;
+      if (runtimeRetry) clearTimeout(runtimeRetry);
+      runtime?.reconciler.stop();
       fabric?.stop();
       caller.close();
       await new Promise<void>((r) => server.tryShutdown(() => r()));

@@ -395,11 +395,19 @@ t.test("capsule processes: mount namespace pin, detached start, exec, capsulectl
         "private",
         "sh",
         "-c",
-        'umount -l /run/netns 2>/dev/null; mount --bind "$1" /run && mount -t sysfs sysfs /sys && mkdir -p /run/wireguard',
+        mountNsCommands(home)[1]!.argv[8]!,
         "capsule-lab",
         "/tmp/capsule-lab-t/homeA/run",
       ],
     ],
+  );
+  const script = mountNsCommands(home)[1]!.argv[8]!;
+  t.match(script, /mount --bind "\$1" \/run/, "the private /run");
+  t.match(script, /mount -t sysfs sysfs \/sys/, "a sysfs of this netns");
+  t.match(script, /mount -t "\$t" -o "\$o"/, "the host's cgroup hierarchies mounted again for runc");
+  t.ok(
+    script.indexOf("cg=$(") < script.indexOf("mount -t sysfs"),
+    "cgroup mounts noted before sysfs hides them",
   );
   t.same(startCommand(home).argv.slice(0, 14), [
     "nsenter",

@@ -23,11 +23,64 @@ export interface RpcDeps {
   log: Logger;
 }
 
+/** refused records a failed call (metrics, one log line) and returns it as a CapsuleError. */
+function refused(deps: RpcDeps, path: string, finish: (code: string) => void, e: unknown): CapsuleError {
+  const ce = toCapsuleError(e);
+  finish(ce.code);
+  deps.log.info({ method: path, code: ce.code, err: ce.message }, "rpc refused");
+  return ce;
+}
+
+/** settle answers a single-response call with the outcome of `work`, recording it. */
+function settle<Res>(
+  deps: RpcDeps,
+  path: string,
+  finish: (code: string) => void,
+  work: Promise<Res>,
+  callback: grpc.sendUnaryData<Res>,
+): void {
+  work.then(
+    (res) => {
+      finish("OK");
+      callback(null, res);
+    },
+    (e: unknown) => callback(toServiceError(refused(deps, path, finish, e))),
+  );
+}
+
 /**
  * unary wraps a handler with authentication (unless `public`), metrics and error mapping.
  * Peer capsules may call only methods marked `peer`; operators may call every method.
  * Every method of every service goes through it, so no path skips the token check.
  */
+/**
+ * authorize checks the call's token for `path` (unless `public`) and returns the caller; peer
+ * capsules pass only methods marked `peer`. Shared by {@link unary} and the streaming wrappers.
+ */
+export async function authorize(
+  deps: RpcDeps,
+  path: string,
+  metadata: grpc.Metadata,
+  opts: { public?: boolean; peer?: boolean } = {},
+): Promise<Principal | null> {
+  if (opts.public) return null;
+  const header = metadata.get(AUTH_METADATA)[0];
+  const principal = await deps.auth.authenticate(header === undefined ? undefined : String(header), path);
+  if (principal.kind === "peer" && !opts.peer) {
+    throw new CapsuleError(ErrorCode.PermissionDenied, `peer capsules may not call ${path}`);
+  }
+  return principal;
+}
+
+/** rpcMeter starts timing a call; the returned function records it with its final code. */
+export function rpcMeter(deps: RpcDeps, path: string): (code: string) => void {
+  const started = process.hrtime.bigint();
+  return (code: string) => {
+    deps.metrics.rpcRequests.inc({ method: path, code });
+    deps.metrics.rpcDuration.observe({ method: path }, Number(process.hrtime.bigint() - started) / 1e9);
+  };
+}
+
 export function unary<Req, Res>(
   deps: RpcDeps,
   path: string,
@@ -35,32 +88,90 @@ export function unary<Req, Res>(
   opts: { public?: boolean; peer?: boolean } = {},
 ): grpc.handleUnaryCall<Req, Res> {
   return (call, callback) => {
-    const started = process.hrtime.bigint();
-    const finish = (code: string) => {
-      deps.metrics.rpcRequests.inc({ method: path, code });
-      deps.metrics.rpcDuration.observe({ method: path }, Number(process.hrtime.bigint() - started) / 1e9);
-    };
+    const finish = rpcMeter(deps, path);
+    settle(
+      deps,
+      path,
+      finish,
+      (async () => {
+        const principal = await authorize(deps, path, call.metadata, opts);
+        return handler(call.request, { principal, method: path });
+      })(),
+      callback,
+    );
+  };
+}
+
+/**
+ * clientStream wraps a client-streaming handler exactly like {@link unary} wraps a unary one:
+ * authentication before the first byte is read, metrics, error mapping.
+ */
+export function clientStream<Req, Res>(
+  deps: RpcDeps,
+  path: string,
+  handler: (stream: AsyncIterable<Req>, ctx: RpcContext) => Promise<Res>,
+): grpc.handleClientStreamingCall<Req, Res> {
+  return (call, callback) => {
+    const finish = rpcMeter(deps, path);
+    settle(
+      deps,
+      path,
+      finish,
+      (async () => {
+        const principal = await authorize(deps, path, call.metadata);
+        return handler(call as AsyncIterable<Req>, { principal, method: path });
+      })(),
+      callback,
+    );
+  };
+}
+
+/**
+ * serverStream wraps a server-streaming handler exactly like {@link unary} wraps a unary one
+ * (authentication, metrics, error mapping). The handler yields messages; a cancelled call
+ * aborts `signal`. Writes wait for the client (backpressure).
+ */
+export function serverStream<Req, Res>(
+  deps: RpcDeps,
+  path: string,
+  handler: (req: Req, ctx: RpcContext, signal: AbortSignal) => AsyncIterable<Res>,
+): grpc.handleServerStreamingCall<Req, Res> {
+  return (call) => {
+    const finish = rpcMeter(deps, path);
+    const abort = new AbortController();
+    call.on("cancelled", () => abort.abort());
+    call.on("close", () => abort.abort());
     (async () => {
-      let principal: Principal | null = null;
-      if (!opts.public) {
-        const header = call.metadata.get(AUTH_METADATA)[0];
-        principal = await deps.auth.authenticate(header === undefined ? undefined : String(header), path);
-        if (principal.kind === "peer" && !opts.peer) {
-          throw new CapsuleError(ErrorCode.PermissionDenied, `peer capsules may not call ${path}`);
+      const principal = await authorize(deps, path, call.metadata);
+      for await (const msg of handler(call.request, { principal, method: path }, abort.signal)) {
+        if (abort.signal.aborted) break;
+        if (!call.write(msg)) {
+          await new Promise<void>((r) => {
+            call.once("drain", r);
+            abort.signal.addEventListener("abort", () => r(), { once: true });
+          });
         }
       }
-      return handler(call.request, { principal, method: path });
     })().then(
-      (res) => {
-        finish("OK");
-        callback(null, res);
+      () => {
+        finish(abort.signal.aborted ? "CANCELLED" : "OK");
+        if (!abort.signal.aborted) call.end();
       },
       (e: unknown) => {
-        const ce = toCapsuleError(e);
-        finish(ce.code);
-        deps.log.info({ method: path, code: ce.code, err: ce.message }, "rpc refused");
-        callback(toServiceError(ce));
+        const ce = refused(deps, path, finish, e);
+        // grpc-js turns an "error" event into the call's status (code, details, metadata).
+        call.emit("error", Object.assign(new Error(ce.message), toServiceError(ce)));
       },
     );
   };
+}
+
+/** needRuntime throws CAPSULE_FAILED_PRECONDITION when the workload runtime is not available. */
+export function needRuntime<T>(rt: T | undefined): T {
+  if (rt === undefined) {
+    throw new CapsuleError(ErrorCode.FailedPrecondition, "workloads are not available on this capsule", {
+      hint: "they need the fabric (capsuled without --no-fabric) and containerd; see capsuled's log",
+    });
+  }
+  return rt;
 }
