@@ -174,6 +174,16 @@ export class RtNetlink implements Netlink {
     return this.sock;
   }
 
+  // One request at a time on the socket: the package matches replies by sequence number but
+  // assembles multipart dumps per socket, so two concurrent dumps (routes for two workloads
+  // being set up at once) fail with "Multipart message not terminated properly".
+  private queue: Promise<unknown> = Promise.resolve();
+  private exclusive<T>(fn: (s: RtNetlinkSocket) => Promise<T>): Promise<T> {
+    const run = this.queue.then(async () => fn(await this.socket()));
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
   /** close releases the netlink socket; a later call opens a new one. */
   async close(): Promise<void> {
     const s = this.sock;
@@ -184,9 +194,8 @@ export class RtNetlink implements Netlink {
   // The package reports kernel errors only as "Request rejected: EEXIST"; keep the code and
   // wrap it so callers see what was asked.
   private async call<T>(what: string, fn: (s: RtNetlinkSocket) => Promise<T>): Promise<T> {
-    const s = await this.socket();
     try {
-      return await fn(s);
+      return await this.exclusive(fn);
     } catch (e) {
       const code = /Request rejected: (\w+)/.exec(e instanceof Error ? e.message : "")?.[1];
       throw new CapsuleError(ErrorCode.CommandFailed, `netlink ${what}: ${code ?? String(e)}`, {
@@ -197,9 +206,8 @@ export class RtNetlink implements Netlink {
   }
 
   private async link(iface: string): Promise<{ index: number; up: boolean } | undefined> {
-    const s = await this.socket();
     try {
-      const [l] = await s.getLink({}, { ifname: iface }, { timeout: this.timeout });
+      const [l] = await this.exclusive((s) => s.getLink({}, { ifname: iface }, { timeout: this.timeout }));
       if (!l?.data.index) return undefined;
       return { index: l.data.index, up: !!l.data.flags?.up };
     } catch (e) {
