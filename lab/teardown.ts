@@ -5,6 +5,8 @@
 import { join } from "node:path";
 import type { Clock } from "../src/node/host/clock.js";
 import type { CommandRunner } from "../src/node/host/runner.js";
+import { containerdPaths } from "../src/node/runtime/containerd.js";
+import { defaultCgroupParent } from "../src/node/runtime/containers.js";
 import { listMounts } from "./capsules.js";
 import { parseNetnsList } from "./network.js";
 
@@ -48,8 +50,40 @@ export async function labNamespaces(runner: CommandRunner, prefix: string): Prom
   return all.filter((n) => n.startsWith(`${prefix}-`));
 }
 
+/** CGROUP_PROCS prints the pids in every cgroup below $1 in every hierarchy (v1 or v2). */
+export const CGROUP_PROCS =
+  'find /sys/fs/cgroup -path "*$1/*" -name cgroup.procs 2>/dev/null | while read -r f; do cat "$f"; done';
+/** CGROUP_RMDIR removes the (empty) cgroups $1 and below, deepest first. */
+export const CGROUP_RMDIR =
+  'find /sys/fs/cgroup -depth -type d -path "*$1*" -exec rmdir {} + 2>/dev/null; true';
+
 /**
- * labPids finds every process that belongs to the lab: everything inside its network namespaces,
+ * workloadCgroups lists the cgroup parents of the lab capsules' containers (one per capsule
+ * state dir under `labDir`, see defaultCgroupParent). Workload processes live in namespaces
+ * the lab did not make and carry no lab path on their command line: their cgroup is how they
+ * are found.
+ */
+export async function workloadCgroups(runner: CommandRunner, labDir: string): Promise<string[]> {
+  const r = await runner.run(
+    ["find", labDir, "-mindepth", "2", "-maxdepth", "2", "-type", "d", "-name", "state"],
+    {
+      allowFailure: true,
+    },
+  );
+  return r.stdout
+    .split("\n")
+    .filter(Boolean)
+    .sort()
+    .map((stateDir) =>
+      defaultCgroupParent({
+        address: containerdPaths(stateDir).address,
+        namespace: "capsule",
+        snapshotter: "overlayfs",
+      }),
+    );
+}
+
+/** labPids finds every process that belongs to the lab: everything inside its network namespaces,
  * plus any process still running with one of its state dirs (e.g. one whose namespace is gone).
  */
 export async function labPids(
@@ -67,6 +101,10 @@ export async function labPids(
       allowFailure: true,
     });
     for (const p of parsePids(byDir.stdout)) found.add(p);
+    for (const parent of await workloadCgroups(runner, labDir)) {
+      const r = await runner.run(["sh", "-c", CGROUP_PROCS, "cgroup-procs", parent], { allowFailure: true });
+      for (const p of parsePids(r.stdout)) found.add(p);
+    }
   }
   found.delete(process.pid);
   return [...found].sort((a, b) => a - b);
@@ -179,6 +217,16 @@ export async function teardownLab(
   }
 
   for (const ns of namespaces) await runner.run(["ip", "netns", "del", ns], { allowFailure: true });
+
+  // Workload cgroups (now empty) and loop devices backing the capsules' volumes.
+  for (const parent of await workloadCgroups(runner, labDir))
+    await runner.run(["sh", "-c", CGROUP_RMDIR, "cgroup-rmdir", parent], { allowFailure: true });
+  const loops = await runner.run(["losetup", "-n", "-l", "-O", "NAME,BACK-FILE"], { allowFailure: true });
+  for (const line of loops.stdout.split("\n")) {
+    const [dev, file] = line.trim().split(/\s+/);
+    if (dev && file?.startsWith(`${labDir}/`))
+      await runner.run(["losetup", "-d", dev], { allowFailure: true });
+  }
 
   let removedDir = false;
   const marked = await runner.run(["test", "-e", join(labDir, ".capsule-lab")], { allowFailure: true });

@@ -7,6 +7,9 @@ import { existsSync } from "node:fs";
 import type { Test } from "tap";
 import { Lab, type LabUpOptions, MARKER_FILE } from "../../lab/lab.js";
 import { defaultLabDir } from "../../lab/plan.js";
+import { CGROUP_PROCS, parsePids } from "../../lab/teardown.js";
+import { containerdPaths } from "../../src/node/runtime/containerd.js";
+import { defaultCgroupParent } from "../../src/node/runtime/containers.js";
 import { ExecaRunner } from "../../src/node/host/runner.js";
 
 /** ROOT_SKIP is the skip reason of every test that needs root. */
@@ -67,6 +70,21 @@ export async function leftovers(prefix: string, labDir = defaultLabDir(prefix)):
     const [pid, stat, ...args] = line.trim().split(/\s+/);
     if (stat?.startsWith("Z") || Number(pid) === process.pid) continue;
     if (args.join(" ").includes(`${labDir}/`)) out.push(`process ${pid} ${args.join(" ")}`);
+  }
+  // Workload processes: in a lab capsule's container cgroup (see lab/teardown.ts).
+  for (const c of new Lab({ prefix, labDir }).plan.capsules) {
+    const parent = defaultCgroupParent({
+      address: containerdPaths(c.stateDir).address,
+      namespace: "capsule",
+      snapshotter: "overlayfs",
+    });
+    const procs = await r.run(["sh", "-c", CGROUP_PROCS, "cgroup-procs", parent], { allowFailure: true });
+    for (const pid of parsePids(procs.stdout)) out.push(`workload process ${pid} of ${c.name}`);
+  }
+  const loops = await r.run(["losetup", "-n", "-l", "-O", "NAME,BACK-FILE"], { allowFailure: true });
+  for (const l of loops.stdout.split("\n")) {
+    const [dev, file] = l.trim().split(/\s+/);
+    if (dev && file?.startsWith(`${labDir}/`)) out.push(`loop device ${dev} (${file})`);
   }
   if (existsSync(labDir))
     out.push(`directory ${labDir}${existsSync(`${labDir}/${MARKER_FILE}`) ? "" : " (unmarked)"}`);

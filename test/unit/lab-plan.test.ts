@@ -14,7 +14,9 @@ import {
   reconcileNetwork,
 } from "../../lab/network.js";
 import { type LabPlan, parsePortForward, planLab } from "../../lab/plan.js";
-import { escapeRegex, parsePids, teardownLab } from "../../lab/teardown.js";
+import { CGROUP_PROCS, CGROUP_RMDIR, escapeRegex, parsePids, teardownLab } from "../../lab/teardown.js";
+import { containerdPaths } from "../../src/node/runtime/containerd.js";
+import { defaultCgroupParent } from "../../src/node/runtime/containers.js";
 
 const BASE = { repoDir: "/repo", nodeBin: "/usr/bin/node" };
 
@@ -512,7 +514,14 @@ t.test(
       }
       if (cmd === "ip netns pids t-homeA") return { stdout: alive ? "4242\n4250\n" : "" };
       if (argv[0] === "pgrep") return { exitCode: 1 };
-      if (argv[0] === "ps") return { stdout: " 4242  4242\n 4250  4242\n" };
+      if (argv[0] === "find") return { stdout: "/tmp/capsule-lab-t/homeA/state\n" };
+      // A workload process: in the capsule's container cgroup, in no lab namespace.
+      if (argv[3] === "cgroup-procs") return { stdout: alive ? "5000\n" : "" };
+      if (argv[0] === "losetup" && argv[1] === "-n")
+        return {
+          stdout: "/dev/loop3 /tmp/capsule-lab-t/homeA/state/volumes/data.img\n/dev/loop4 /srv/other.img\n",
+        };
+      if (argv[0] === "ps") return { stdout: " 4242  4242\n 4250  4242\n 5000  4990\n" };
       if (argv[0] === "kill") alive = false;
       if (argv[0] === "findmnt") {
         return {
@@ -522,7 +531,12 @@ t.test(
       return undefined;
     });
     const res = await teardownLab(r, clock, { prefix: "t", labDir: "/tmp/capsule-lab-t" });
-    t.same(res.killed, [4242, 4250]);
+    t.same(res.killed, [4242, 4250, 5000]);
+    const parent = defaultCgroupParent({
+      address: containerdPaths("/tmp/capsule-lab-t/homeA/state").address,
+      namespace: "capsule",
+      snapshotter: "overlayfs",
+    });
     t.same(res.namespaces, ["t-inet", "t-homeA"], "another lab's tx-* namespaces are not ours");
     t.same(res.unmounted, ["/tmp/capsule-lab-t/mnt/homeA.mnt", "/tmp/capsule-lab-t/mnt"]);
     t.ok(res.removedDir);
@@ -532,15 +546,23 @@ t.test(
         "ip netns pids t-inet",
         "ip netns pids t-homeA",
         "pgrep -f -- --state-dir /tmp/capsule-lab-t/",
-        "ps -o pid=,pgid= -p 4242,4250",
-        "kill -s TERM -- -4242 4242 4250",
+        "find /tmp/capsule-lab-t -mindepth 2 -maxdepth 2 -type d -name state",
+        `sh -c ${CGROUP_PROCS} cgroup-procs ${parent}`,
+        "ps -o pid=,pgid= -p 4242,4250,5000",
+        "kill -s TERM -- -4242 4242 4250 5000",
         "ip netns pids t-inet",
         "ip netns pids t-homeA",
         "pgrep -f -- --state-dir /tmp/capsule-lab-t/",
+        "find /tmp/capsule-lab-t -mindepth 2 -maxdepth 2 -type d -name state",
+        `sh -c ${CGROUP_PROCS} cgroup-procs ${parent}`,
         "umount /tmp/capsule-lab-t/mnt/homeA.mnt",
         "umount /tmp/capsule-lab-t/mnt",
         "ip netns del t-inet",
         "ip netns del t-homeA",
+        "find /tmp/capsule-lab-t -mindepth 2 -maxdepth 2 -type d -name state",
+        `sh -c ${CGROUP_RMDIR} cgroup-rmdir ${parent}`,
+        "losetup -n -l -O NAME,BACK-FILE",
+        "losetup -d /dev/loop3",
         "rm -rf --one-file-system /tmp/capsule-lab-t",
       ],
     );
