@@ -1,9 +1,14 @@
 #!/usr/bin/env node
 /**
- * `npm run demo`: bring the lab up, show it, and ask every capsule who it is as the operator.
- * The lab is left running; `npm run lab -- down` removes it.
+ * `npm run demo`: bring the lab up, show it, ask every capsule who it is as the operator, enroll
+ * the fabric, and run a workload on each home (a web server on homeA, a client on homeB, from
+ * a busybox image built here and pushed to both). The lab is left running; `npm run lab --
+ * down` removes it.
  */
+import { mkdir } from "node:fs/promises";
+import { join } from "node:path";
 import { formatError } from "../src/errors.js";
+import { buildImageArchive } from "./images.js";
 import { capsulectl, formatStatus, labStatus, labUp } from "./lab.js";
 
 const say = (s = "") => process.stdout.write(`${s}\n`);
@@ -59,10 +64,71 @@ async function main(): Promise<void> {
   say("  - every capsule has a stable fabric address in 100.64.0.0/10 on its WireGuard interface capsule0");
   say("    (wireguard-go here: this kernel has no WireGuard module); homeA and homeB talk through the edge.");
   say();
-  say("What comes next (later issues): run workloads (capsulectl apply), allow traffic with policies,");
-  say(
-    "and publish a workload at the edge (capsulectl expose ... --edge edge) for the visitor in the client namespace.",
-  );
+
+  say("Running a workload on each home. The image is a tiny busybox one built here (no registry):");
+  // The workload runtime (containerd) comes up after the fabric: wait for each image store.
+  for (const c of ["homeA", "homeB"]) {
+    const until = Date.now() + 60_000;
+    while ((await capsulectl(["--capsule", c, "image", "list"], sel)).exitCode !== 0) {
+      if (Date.now() > until) throw new Error(`${c}: the workload runtime did not come up within 60 s`);
+      await new Promise((res) => setTimeout(res, 500));
+    }
+  }
+  const imgDir = join(plan.labDir, "images");
+  await mkdir(imgDir, { recursive: true });
+  const img = await buildImageArchive(imgDir, {
+    name: "demo/httpd:1",
+    files: { "www/index.html": "hello from web on homeA\n" },
+  });
+  await ctl(["--capsule", "homeA", "image", "push", img.archive]);
+  await ctl(["--capsule", "homeB", "image", "push", img.archive]);
+  const manifests = join(plan.repoDir, "lab", "demo");
+  await ctl(["--capsule", "homeA", "apply", "-f", join(manifests, "web.yaml"), "--wait"]);
+  await ctl(["--capsule", "homeB", "apply", "-f", join(manifests, "client.yaml"), "--wait"]);
+  await ctl(["--all", "workload", "list"]);
+  const web = JSON.parse(
+    (await capsulectl(["--capsule", "homeA", "workload", "get", "web", "-o", "json"], sel)).stdout,
+  ) as {
+    address: string;
+  };
+
+  // Workload fabric addresses are default-deny: allow client -> web, and show why.
+  const policyFile = join(manifests, "policy.yaml");
+  for (const args of [
+    ["--all", "policy", "apply", "-f", policyFile],
+    ["--capsule", "homeA", "policy", "explain", "client", "web", "8080/tcp"],
+    ["--capsule", "homeB", "policy", "explain", "web", "client", "8080/tcp"],
+    ["--capsule", "homeA", "policy", "show"],
+  ]) {
+    say(`$ capsulectl ${args.join(" ")}`);
+    const r = await capsulectl(args, sel);
+    process.stdout.write(r.stdout);
+    if (r.exitCode !== 0) throw new Error(`capsulectl ${args.join(" ")}: ${r.stderr.trim()}`);
+    say();
+  }
+
+  const url = `http://${web.address}:8080/`;
+  // Bounded by --exec-timeout, not wget's -T (which crashes busybox 1.35's static wget).
+  const args = [
+    "--capsule",
+    "homeB",
+    "workload",
+    "exec",
+    "--exec-timeout",
+    "10s",
+    "client",
+    "--",
+    "wget",
+    "-qO-",
+    url,
+  ];
+  say(`$ capsulectl ${args.join(" ")}`);
+  const got = await capsulectl(args, sel);
+  if (got.exitCode === 0) process.stdout.write(got.stdout);
+  else say(`(no answer: exit ${got.exitCode}${got.stderr.trim() ? `, ${got.stderr.trim()}` : ""})`);
+  say();
+  say("What comes next: publish a workload at the edge (capsulectl expose ... --edge edge) for the");
+  say("visitor in the client namespace.");
   say();
   say("Try it:");
   say("  npm run lab -- ctl -- --capsule homeA capsule info       # capsulectl as the operator");
@@ -70,6 +136,8 @@ async function main(): Promise<void> {
   say("  npm run lab -- exec homeA -- wg show capsule0              # the WireGuard view");
   say("  npm run lab -- ctl -- --all fabric peers -o wide");
   say("  npm run lab -- exec client -- bash                        # be the visitor on the internet");
+  say(`  ip netns exec ${plan.prefix}-op npx capsulectl --config-dir ${plan.operatorDir} \\`);
+  say("      --capsule homeA workload exec -ti web -- sh              # a shell in the web workload");
   say(`  less ${plan.capsules[0]?.logFile ?? `${plan.labDir}/<capsule>/capsuled.log`}`);
   say();
   say("The lab keeps running. Tear it down with: npm run lab -- down");

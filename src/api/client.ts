@@ -337,6 +337,68 @@ export class RpcClient {
     }
   }
 
+  /**
+   * callBidiStream invokes a bidirectional-streaming method ("Workloads/ExecStream"): it writes
+   * every message of `input` in order (honouring backpressure) while yielding the server's
+   * messages as they arrive; the end of `input` half-closes the call. Breaking out of the loop
+   * cancels the call; a failure of `input` cancels it and is rethrown as is. `deadlineMs: null`
+   * for no deadline (an interactive session); `signal` cancels. Token, pin check and errors as
+   * {@link call}.
+   */
+  async *callBidiStream<Res>(
+    method: string,
+    input: AsyncIterable<object> | Iterable<object>,
+    opts: StreamCallOptions = {},
+  ): AsyncGenerator<Res, void, undefined> {
+    const { svc, fn, md } = await this.prepare(method, opts.token);
+    const deadline = deadlineOf(opts);
+    const signal = opts.signal;
+    if (signal?.aborted) throw abortError(signal);
+    const stream = fn.call(svc, md, { deadline }) as grpc.ClientDuplexStream<object, Res>;
+    const onAbort = () => stream.cancel();
+    signal?.addEventListener("abort", onAbort, { once: true });
+    let ended = false;
+    let localError: { e: unknown } | undefined;
+    const pump = async () => {
+      for await (const m of input) {
+        if (ended) return;
+        if (!stream.write(m)) {
+          await new Promise<void>((r) => {
+            const done = () => {
+              stream.off("drain", done);
+              stream.off("close", done);
+              r();
+            };
+            stream.on("drain", done);
+            stream.on("close", done);
+          });
+        }
+      }
+      if (!ended) stream.end();
+    };
+    pump().catch((e: unknown) => {
+      if (ended) return;
+      localError = { e };
+      stream.cancel();
+    });
+    try {
+      for await (const msg of stream) yield msg as Res;
+      ended = true;
+    } catch (e) {
+      ended = true;
+      if (localError) throw localError.e;
+      if (signal?.aborted) throw abortError(signal);
+      throw await this.explain(e as grpc.ServiceError, deadline);
+    } finally {
+      signal?.removeEventListener("abort", onAbort);
+      // The consumer stopped early: tell the server instead of leaving the stream open.
+      if (!ended) {
+        ended = true;
+        stream.cancel();
+      }
+    }
+  }
+
   /** explain turns a transport failure into the precise reason: a pin mismatch names both keys. */
   private async explain(e: grpc.ServiceError, deadline: number): Promise<CapsuleError> {
     const ce = fromServiceError(e, this.label);

@@ -5,10 +5,11 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import type { ProtoGrpcType as CapsuleProto } from "../gen/capsule.js";
 import type { ProtoGrpcType as FabricProto } from "../gen/fabric.js";
+import type { ProtoGrpcType as PolicyProto } from "../gen/policy.js";
 import type { ProtoGrpcType as WorkloadsProto } from "../gen/workloads.js";
 
 /** ProtoGrpcType is every Capsule service, typed from the generated definitions. */
-export type ProtoGrpcType = CapsuleProto & FabricProto & WorkloadsProto;
+export type ProtoGrpcType = CapsuleProto & FabricProto & WorkloadsProto & PolicyProto;
 
 /** PROTO_DIR is the repository's proto/ folder (the same from src/ under ts-node and from dist/src/). */
 export const PROTO_DIR = findProtoDir();
@@ -38,7 +39,12 @@ let cached: ProtoGrpcType | undefined;
 export function loadProto(): ProtoGrpcType {
   if (!cached) {
     const def = protoLoader.loadSync(
-      ["capsule/v1/capsule.proto", "capsule/v1/fabric.proto", "capsule/v1/workloads.proto"],
+      [
+        "capsule/v1/capsule.proto",
+        "capsule/v1/fabric.proto",
+        "capsule/v1/workloads.proto",
+        "capsule/v1/policy.proto",
+      ],
       LOADER_OPTIONS,
     );
     cached = grpc.loadPackageDefinition(def) as unknown as ProtoGrpcType;

@@ -21,6 +21,14 @@ import {
 } from "./commands/fabric.js";
 import { DEFAULT_PUSH_TIMEOUT_MS, imageList, imagePush } from "./commands/image.js";
 import { operatorAdd, operatorList, operatorRemove, operatorWhoami } from "./commands/operator.js";
+import {
+  policyApply,
+  policyDelete,
+  policyExplain,
+  policyList,
+  policyShow,
+  policyTest,
+} from "./commands/policy.js";
 import { volumeCreate, volumeDelete, volumeList } from "./commands/volume.js";
 import {
   apply,
@@ -239,7 +247,9 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
 
   program
     .command("apply")
-    .description("create or update workloads from manifests (idempotent); validated locally first")
+    .description(
+      "create or update workloads and policies from manifests (idempotent; policies first); validated locally first",
+    )
     .requiredOption("-f, --filename <path>", "a manifest file, or a directory of *.yaml, *.yml, *.json")
     .option("--wait", "wait until every applied workload runs; fail on failed/backoff")
     .option("--dry-run", "validate on the capsule and report what would change, changing nothing")
@@ -297,10 +307,10 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
     .description("run a command in a workload; exits with its exit code")
     .argument("<name>")
     .argument("<cmd...>", "the command and its arguments, after --")
-    .option("-t, --tty", "allocate a terminal (not supported yet)")
-    .option("-i, --stdin", "pass stdin (not supported yet)")
+    .option("-t, --tty", "allocate a terminal for the command (raw mode with -i on a terminal)")
+    .option("-i, --stdin", "pass stdin to the command")
     .addOption(
-      new Option("--exec-timeout <duration>", "bound on the command")
+      new Option("--exec-timeout <duration>", "bound on the command (without -t/-i)")
         .default(60_000, "60s")
         .argParser(durationArg("--exec-timeout")),
     )
@@ -326,6 +336,47 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
     .description("delete a volume no workload uses (idempotent)")
     .argument("<name>")
     .action(act((s, name: string) => volumeDelete(s, name)));
+
+  const policy = program
+    .command("policy")
+    .description("allow rules between workloads on the fabric (with none, nothing reaches a workload)");
+  policy
+    .command("apply")
+    .description("create or replace policies; every test must pass or nothing changes (idempotent)")
+    .requiredOption("-f, --filename <path>", "a manifest file, or a directory of *.yaml, *.yml, *.json")
+    .option("--dry-run", "validate and run the tests on the capsule, changing nothing")
+    .action(
+      act((s, opts: { filename: string; dryRun?: boolean }) =>
+        policyApply(s, { file: opts.filename, dryRun: opts.dryRun }),
+      ),
+    );
+  policy
+    .command("test")
+    .description("run the tests of these policies and of the stored ones against their union; stores nothing")
+    .requiredOption("-f, --filename <path>", "a manifest file, or a directory of *.yaml, *.yml, *.json")
+    .action(act((s, opts: { filename: string }) => policyTest(s, opts.filename)));
+  policy
+    .command("show")
+    .description(
+      "per workload, the allow rules in force, their sources and origin; selectors that match nothing",
+    )
+    .action(act((s) => policyShow(s)));
+  policy
+    .command("explain")
+    .description("would SRC reach DST on PORT/PROTO, and by which rule (judged by DST's capsule)")
+    .argument("<src>", "workload name or fabric address")
+    .argument("<dst>", "workload name or fabric address")
+    .argument("<port>", "N/tcp, N/udp or icmp")
+    .action(act((s, src: string, dst: string, port: string) => policyExplain(s, src, dst, port)));
+  policy
+    .command("list")
+    .description("stored policies: rules, tests, last update")
+    .action(act((s) => policyList(s)));
+  policy
+    .command("delete")
+    .description("delete a policy (idempotent); what it allowed is denied again")
+    .argument("<name>")
+    .action(act((s, name: string) => policyDelete(s, name)));
 
   const operator = program.command("operator").description("manage the operator keys a capsule accepts");
   operator

@@ -17,6 +17,7 @@ import {
 import { fanOut, type FanOutResult } from "./fanout.js";
 import { type OutputFormat, renderObject, renderResults, type View } from "./output.js";
 import { endpointOf, resolveTargets, type Target } from "./targets.js";
+import { processTerminal, type Terminal } from "./terminal.js";
 
 /** Writer is the part of a stream the CLI writes to; `isTTY` (optional) says a terminal is attached. */
 export interface Writer {
@@ -25,7 +26,10 @@ export interface Writer {
 }
 
 /** RpcCaller is the part of {@link RpcClient} commands use; tests pass a fake through {@link CliIO.dial}. */
-export type RpcCaller = Pick<RpcClient, "call" | "close" | "callClientStream" | "callServerStream">;
+export type RpcCaller = Pick<
+  RpcClient,
+  "call" | "close" | "callClientStream" | "callServerStream" | "callBidiStream"
+>;
 
 /** Dial opens a client to one pinned capsule; `signer` null sends no token (Claim). */
 export type Dial = (endpoint: Endpoint, signer: Signer | null) => RpcCaller;
@@ -48,6 +52,8 @@ export interface CliIO {
   onInterrupt: (fn: () => void) => () => void;
   /** sleep waits `ms` (polling); tests make it instant. */
   sleep: (ms: number) => Promise<void>;
+  /** terminal is the user's terminal for interactive commands (`workload exec -t -i`). */
+  terminal: Terminal;
 }
 
 /** defaultIO is the real process: its streams and env, real gRPC clients and TLS probes. */
@@ -65,6 +71,7 @@ export function defaultIO(): CliIO {
       return () => process.removeListener("SIGINT", fn);
     },
     sleep: (ms) => new Promise((r) => setTimeout(r, ms)),
+    terminal: processTerminal(),
   };
 }
 

@@ -67,6 +67,8 @@ export interface Inventory {
   capsuleAddress: string;
   generation: string;
   entries: InventoryEntry[];
+  /** edge says the capsule runs as an edge (policy `{edge: NAME}` selectors); unset = not an edge. */
+  edge?: boolean;
 }
 
 /** SelfInfo is this capsule's fabric side as sent to the other side of an enrollment. */
@@ -97,6 +99,8 @@ export interface FabricIdentity {
   apiCertPem: string;
   apiFingerprint: string;
   peerKeyJwk: string;
+  /** edge: this capsule runs as an edge (announced in its inventory); unset = false. */
+  edge?: boolean;
 }
 
 /** FabricOptions wires the fabric's collaborators (all required except resyncMs). */
@@ -258,6 +262,7 @@ export class Fabric {
       capsuleAddress: this.address,
       generation: this.o.repo.generation().toString(),
       entries: this.o.repo.addresses(),
+      edge: this.o.self.edge === true,
     };
   }
 
@@ -269,6 +274,7 @@ export class Fabric {
       capsuleAddress: p.capsuleAddress,
       generation: p.inventoryGen.toString(),
       entries: p.inventory,
+      edge: p.edge === true,
     }));
   }
 
@@ -385,6 +391,7 @@ export class Fabric {
       })),
       inventory: inv?.entries ?? existing?.inventory ?? [],
       inventoryGen: inv ? BigInt(inv.generation || "0") : (existing?.inventoryGen ?? 0n),
+      edge: inv ? inv.edge === true : existing?.edge === true,
       enrolledAt: existing?.enrolledAt ?? now,
       updatedAt: now,
     };
@@ -481,6 +488,7 @@ export class Fabric {
       this.o.repo.bumpGeneration();
       return e;
     });
+    this.o.log.info({ name, address: entry.address }, "address reserved");
     this.o.onChange?.();
     void this.pushAll();
     return entry;
@@ -507,13 +515,18 @@ export class Fabric {
     const gen = BigInt(inv.generation || "0");
     for (const e of inv.entries)
       if (!inFabric(e.address)) throw invalidArgument("entries", `${e.address} is outside ${FABRIC_CIDR}`);
+    const edge = inv.edge === true;
     const applied = this.o.repo.store.tx(() => {
       const cur = this.o.repo.getPeer(from.capsuleId);
-      if (!cur || gen <= cur.inventoryGen) return false;
+      // The edge flag is not versioned by the generation (a restart with --edge does not bump
+      // it): a change of it alone is taken too.
+      if (!cur || (gen <= cur.inventoryGen && edge === (cur.edge === true))) return false;
+      const newer = gen > cur.inventoryGen;
       this.o.repo.upsertPeer({
         ...cur,
-        inventory: inv.entries,
-        inventoryGen: gen,
+        inventory: newer ? inv.entries : cur.inventory,
+        inventoryGen: newer ? gen : cur.inventoryGen,
+        edge,
         updatedAt: new Date(this.o.clock.now()).toISOString(),
       });
       return true;

@@ -18,6 +18,8 @@ export interface PeerRow {
   peers: PeerRef[];
   inventory: InventoryEntry[];
   inventoryGen: bigint;
+  /** edge: the peer announced itself as an edge; unset = false. */
+  edge?: boolean;
   enrolledAt: string;
   updatedAt: string;
 }
@@ -54,6 +56,7 @@ interface RawPeer {
   peers_json: string;
   inventory_json: string;
   inventory_gen: string;
+  edge: number;
   enrolled_at: string;
   updated_at: string;
 }
@@ -75,6 +78,7 @@ function fromRaw(r: RawPeer): PeerRow {
     peers: JSON.parse(r.peers_json) as PeerRef[],
     inventory: JSON.parse(r.inventory_json) as InventoryEntry[],
     inventoryGen: BigInt(r.inventory_gen),
+    edge: r.edge === 1,
     enrolledAt: r.enrolled_at,
     updatedAt: r.updated_at,
   };
@@ -137,15 +141,15 @@ export class FabricRepo {
     this.store.db
       .prepare(
         `INSERT INTO fabric_peers (capsule_id, name, wg_public_key, endpoint, capsule_address, pool, api_port, api_cert_pem,
-           api_fingerprint, peer_key_jwk, peer_key_id, relay_via, peers_json, inventory_json, inventory_gen, enrolled_at, updated_at)
+           api_fingerprint, peer_key_jwk, peer_key_id, relay_via, peers_json, inventory_json, inventory_gen, edge, enrolled_at, updated_at)
          VALUES (@capsuleId, @name, @wgPublicKey, @endpoint, @capsuleAddress, @pool, @apiPort, @apiCertPem,
-           @apiFingerprint, @peerKeyJwk, @peerKeyId, @relayVia, @peersJson, @inventoryJson, @inventoryGen, @enrolledAt, @updatedAt)
+           @apiFingerprint, @peerKeyJwk, @peerKeyId, @relayVia, @peersJson, @inventoryJson, @inventoryGen, @edge, @enrolledAt, @updatedAt)
          ON CONFLICT(capsule_id) DO UPDATE SET name = excluded.name, wg_public_key = excluded.wg_public_key,
            endpoint = excluded.endpoint, capsule_address = excluded.capsule_address, pool = excluded.pool,
            api_port = excluded.api_port, api_cert_pem = excluded.api_cert_pem, api_fingerprint = excluded.api_fingerprint,
            peer_key_jwk = excluded.peer_key_jwk, peer_key_id = excluded.peer_key_id, relay_via = excluded.relay_via,
            peers_json = excluded.peers_json, inventory_json = excluded.inventory_json, inventory_gen = excluded.inventory_gen,
-           updated_at = excluded.updated_at`,
+           edge = excluded.edge, updated_at = excluded.updated_at`,
       )
       .run({
         ...p,
@@ -154,6 +158,7 @@ export class FabricRepo {
         peersJson: JSON.stringify(p.peers),
         inventoryJson: JSON.stringify(p.inventory),
         inventoryGen: p.inventoryGen.toString(),
+        edge: p.edge ? 1 : 0,
       });
   }
 

@@ -71,6 +71,42 @@ export class Metrics {
     }
   }
 
+  /** policyApplyDuration times each policy compile + apply, by outcome ("ok", "unchanged", "error"). */
+  readonly policyApplyDuration = new Histogram({
+    name: "capsule_policy_apply_duration_seconds",
+    help: "Time to compile and apply the policy ruleset, by outcome.",
+    labelNames: ["outcome"] as const,
+    buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5],
+    registers: [this.registry],
+  });
+
+  /**
+   * registerPolicy adds the policy series, read at scrape time: `capsule_policy_drops_total`
+   * per local workload (`drops` must be monotonic, see NftPolicyApplier.dropCounters) and the
+   * `capsule_policy_rules` gauge (allow rules in force, implicit ones included).
+   */
+  registerPolicy(source: { drops: () => Promise<Map<string, bigint>>; rules: () => number }): void {
+    new Counter({
+      name: "capsule_policy_drops_total",
+      help: "Packets to a local workload's fabric address dropped by policy.",
+      labelNames: ["workload"] as const,
+      registers: [this.registry],
+      async collect() {
+        const drops = await source.drops().catch(() => new Map<string, bigint>());
+        this.reset();
+        for (const [workload, n] of drops) this.inc({ workload }, Number(n));
+      },
+    });
+    new Gauge({
+      name: "capsule_policy_rules",
+      help: "Allow rules in force on this capsule (written and implicit).",
+      registers: [this.registry],
+      collect() {
+        this.set(source.rules());
+      },
+    });
+  }
+
   /** serve exposes /metrics over plain HTTP on host:port (meant for a local or fabric-only address). */
   serve(host: string, port: number): Promise<Server> {
     const server = createServer(async (req, res) => {

@@ -14,6 +14,7 @@ import { WgClient } from "../fabric/wg.js";
 import { capsuleService } from "./api/capsule-service.js";
 import { fabricService } from "./api/fabric-service.js";
 import { imageService } from "./api/image-service.js";
+import { policyService } from "./api/policy-service.js";
 import { volumeService } from "./api/volume-service.js";
 import { workloadService } from "./api/workload-service.js";
 import { Authenticator } from "./auth.js";
@@ -25,8 +26,14 @@ import { ExecaRunner } from "./host/runner.js";
 import { DetachedSpawner } from "./host/spawner.js";
 import { type Identity, loadOrCreateIdentity } from "./identity.js";
 import { Metrics } from "./metrics.js";
+import { NftPolicyApplier } from "./policy/applier.js";
+import { Policies } from "./policy/manager.js";
+import { meshOf } from "./policy/mesh.js";
+import { PolicyRepo } from "./policy/repo.js";
 import { Containerd } from "./runtime/containerd.js";
+import { GrpcContainerdApi } from "./runtime/containerd-api.js";
 import { Containers } from "./runtime/containers.js";
+import { FifoPipes } from "./runtime/exec-pipes.js";
 import { Images } from "./runtime/images.js";
 import { WorkloadNet } from "./runtime/netns.js";
 import { Store } from "./store/store.js";
@@ -52,6 +59,8 @@ export interface Agent {
   port: number;
   /** fabric is the fabric manager (undefined with --no-fabric). */
   fabric: Fabric | undefined;
+  /** policies is the policy manager (stores and evaluates everywhere; enforces only with a fabric). */
+  policies: Policies;
   /** stop closes the API and the database; workloads and the data path are left running. */
   stop(): Promise<void>;
 }
@@ -81,8 +90,11 @@ function hostPortText(host: string, port: number): string {
  * identity, authenticator, command runner, netlink, WireGuard client, metrics, API server)
  * and wires them. Nothing else constructs them.
  *
- * Order matters for restart safety: state opens first, the API comes up, then the fabric is
- * adopted or created (a running wireguard-go and its peers are kept, not restarted).
+ * Order matters for restart safety: state opens first; the stored policies are compiled against
+ * the persisted mesh and applied (default deny when there are none) before anything else, so
+ * nothing is announced or adopted unfiltered; then the API comes up, then the fabric is adopted
+ * or created (a running wireguard-go and its peers are kept, not restarted) and the policies are
+ * recompiled against it; the workload runtime comes last.
  */
 export async function startAgent(config: DaemonConfig, overrides: AgentOverrides = {}): Promise<Agent> {
   // TLS 1.3 only, process-wide: grpc-js offers no per-server minimum version.
@@ -124,6 +136,7 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
   const fabricListeners = new Set<string>();
   const wildcard = config.listen.host === "0.0.0.0" || config.listen.host === "::";
   let fabric: Fabric | undefined;
+  let policies: Policies | undefined;
   if (config.fabric) {
     fabric = new Fabric({
       repo: fabricRepo,
@@ -151,7 +164,11 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
         apiCertPem: identity.certPem,
         apiFingerprint: identity.fingerprint,
         peerKeyJwk: JSON.stringify(peerSigner.publicJwk),
+        edge: config.edge,
       },
+      // Peers, inventories and this capsule's own reservations (workloads created or deleted)
+      // all change what policy allows: recompile (debounced).
+      onChange: () => policies?.changed(),
       // Peers call this capsule's API at its fabric address: listen there too (unless --listen
       // already covers every address).
       onAddressChange: (address) => {
@@ -168,6 +185,33 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
   if (fabric) {
     const f = fabric;
     metrics.registerFabric(async () => (f.isStarted() ? (await f.status()).peers : []));
+  }
+
+  // Policies work on every capsule; only one with a fabric enforces them (with --no-fabric there
+  // is no workload to protect, and the host's own firewall is not ours to touch).
+  const policyMgr = new Policies({
+    repo: new PolicyRepo(store),
+    applier: fabric ? new NftPolicyApplier({ runner, stateDir: config.stateDir }) : undefined,
+    mesh: () =>
+      fabric
+        ? meshOf(fabric.inventory(), fabric.peerInventories())
+        : { self: config.name, capsules: [], workloads: [] },
+    fabricIface: config.fabricIface,
+    clock,
+    log,
+    metrics,
+  });
+  policies = policyMgr;
+  metrics.registerPolicy({ drops: () => policyMgr.drops(), rules: () => policyMgr.ruleCount() });
+  if (fabric) {
+    // Before the API, the fabric and the workloads: the stored policies against the persisted
+    // mesh (what capsule-policy.service loaded at boot, or default deny on a first start).
+    try {
+      await policyMgr.reconcile();
+      log.info({ policies: policyMgr.list().length }, "policy ruleset applied");
+    } catch (e) {
+      log.error({ err: (e as Error).message }, "policy ruleset not applied; retried on the next change");
+    }
   }
 
   const proto = loadProto();
@@ -203,6 +247,7 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     workloadService({ ...deps, workloads: () => runtime?.workloads }),
   );
   server.addService(proto.capsule.v1.Volumes.service, volumeService({ ...deps, volumes }));
+  server.addService(proto.capsule.v1.Policies.service, policyService({ ...deps, policies: policyMgr }));
   port = await bind(hostPortText(config.listen.host, config.listen.port));
 
   let metricsServer: HttpServer | undefined;
@@ -231,6 +276,9 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
         images,
         dataDir: join(config.stateDir, "containers"),
         fifoDir: cd.paths.fifoDir,
+        // Interactive exec talks to containerd's API directly (see runtime/containerd-api.ts).
+        execApi: () => new GrpcContainerdApi(cd.endpoint),
+        pipes: new FifoPipes(runner, cd.paths.fifoDir),
       });
       const net = new WorkloadNet({ runner, netlink: new RtNetlink() });
       await volumes.start();
@@ -276,6 +324,7 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     if (!fabric) return;
     try {
       await fabric.start();
+      policyMgr.changed();
       void startRuntime(0);
     } catch (e) {
       const delay = Math.min(30_000, 1000 * 2 ** attempt);
@@ -295,8 +344,10 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     store,
     port,
     fabric,
+    policies: policyMgr,
     async stop() {
       clearInterval(prune);
+      await policyMgr.stop();
       if (fabricRetry) clearTimeout(fabricRetry);
       stopping = true;
       if (runtimeRetry) clearTimeout(runtimeRetry);

@@ -385,6 +385,21 @@ t.test("metrics count the CLI's calls, refused ones by their CAPSULE_* code", as
   t.equal(count("/capsule.v1.Capsule/Claim", "CAPSULE_CLAIM_CLOSED"), 1, "the refused call, by its code");
 });
 
+t.test("workload exec -i/-t: a streamed call, refused with the capsule's reason", async (t) => {
+  const f = fleet(t);
+  // --no-fabric: no workload runtime, so ExecStream answers FAILED_PRECONDITION after the token check.
+  const d = await f.start({ name: "bare" });
+  const dir = f.dir();
+  t.equal((await ctl(dir, ["adopt", d.address, "--name", "bare", "--yes"])).code, 0);
+  for (const flags of [["-i"], ["-t"], ["-ti"]]) {
+    // bare: no exit timer, so a stdin listener or channel left open would hang it (and fail).
+    const r = await ctl(dir, ["workload", "exec", ...flags, "web", "--", "cat"], { bare: true });
+    t.equal(r.code, 1, `${flags.join(" ")}: exit 1`);
+    t.match(errorLines(r), ["error: workloads are not available on this capsule"]);
+    t.match(r.err, /\nhint: they need the fabric/);
+  }
+});
+
 t.test("nothing is left running", async (t) => {
   t.ok(started.length > 20, `${started.length} processes started`);
   t.same(

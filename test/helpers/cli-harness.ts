@@ -10,6 +10,7 @@ import { spkiFingerprint } from "../../src/api/fingerprint.js";
 import { loadOrCreateOperatorKey, saveConfig } from "../../src/cli/config.js";
 import { run } from "../../src/cli/main.js";
 import type { CliIO, Dial, RpcCaller } from "../../src/cli/session.js";
+import { FakeTerminal } from "../../src/cli/terminal.js";
 
 export const CERT = `-----BEGIN CERTIFICATE-----
 MIIBQDCB86ADAgECAhRVhw7n//0m5Yphai9Sk5a5+FwYajAFBgMrZXAwFTETMBEG
@@ -32,7 +33,10 @@ export interface Call {
 }
 /** Handler answers a unary or client-stream call (with the chunks in req.chunks). */
 export type Handler = (method: string, req: Record<string, unknown>, label: string) => Promise<unknown>;
-/** Streamer answers a server-stream call with its messages; `signal` is the call's. */
+/**
+ * Streamer answers a server-stream call with its messages; `signal` is the call's. A
+ * bidirectional call gets the client's messages as `req.input` (an AsyncIterable).
+ */
 export type Streamer = (
   method: string,
   req: Record<string, unknown>,
@@ -67,6 +71,18 @@ export function fakeDial(handler: Handler, streamer: Streamer, calls: Call[]): D
           opts: opts as Record<string, unknown>,
         });
         return streamer(method, req as Record<string, unknown>, label, opts?.signal);
+      },
+      callBidiStream: (method: string, input: AsyncIterable<object>, opts?: { signal?: AbortSignal }) => {
+        // The streamer reads the client's messages from req.input; they are recorded as chunks.
+        const got: Record<string, unknown>[] = [];
+        calls.push({ label, method, req: {}, chunks: got, opts: opts as Record<string, unknown> });
+        const tapped = (async function* () {
+          for await (const m of input) {
+            got.push(m as Record<string, unknown>);
+            yield m;
+          }
+        })();
+        return streamer(method, { input: tapped }, label, opts?.signal);
       },
       close: () => {},
     } as unknown as RpcCaller;
@@ -124,6 +140,7 @@ export async function harness(
         now: () => NOW,
         onInterrupt: () => () => {},
         sleep: async () => {},
+        terminal: new FakeTerminal(),
         ...extra,
       });
       return { code, out, err };

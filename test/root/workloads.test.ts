@@ -9,7 +9,7 @@ import { join } from "node:path";
 import t from "tap";
 import { containerdPaths } from "../../src/node/runtime/containerd.js";
 import { defaultCgroupParent } from "../../src/node/runtime/containers.js";
-import { ctl, fabricAddress, rpc, waitFor } from "../helpers/fabric.js";
+import { ctl, rpc, waitFor } from "../helpers/fabric.js";
 import { buildImageArchive } from "../helpers/images.js";
 import { isRoot, ROOT_SKIP, startServer, withLab } from "../helpers/lab.js";
 
@@ -165,7 +165,8 @@ if (!isRoot()) {
       ["created", "created"],
     );
 
-    // No Policy exists yet, so the fabric is open: homeB's workload reaches homeA's directly.
+    // Default deny: with no Policy, homeB's workload does not reach homeA's; an allow Policy
+    // applied with capsulectl opens exactly its port.
     const body = async () => {
       const r = await rpc<{ exitCode: number; stdout: unknown }>(lab, "homeB", "Workloads/Exec", {
         name: "client",
@@ -176,6 +177,26 @@ if (!isRoot()) {
       const s = r?.stdout as { type?: string; data?: number[] } | string;
       return typeof s === "string" ? s : Buffer.from(s.data ?? []).toString();
     };
+    const denied = await rpc<{ exitCode: number }>(lab, "homeB", "Workloads/Exec", {
+      name: "client",
+      argv: ["wget", "-qO-", "-T", "3", `http://${addr}:8080/`],
+      timeoutSeconds: 10,
+    });
+    t.not(denied.exitCode, 0, "without a Policy homeB's workload does not reach homeA's");
+    const policy = (ports: string[]) =>
+      JSON.stringify({
+        kind: "Policy",
+        name: "client-web",
+        allow: [{ from: { workload: "client" }, to: { workload: "web" }, ports }],
+        tests: [{ from: "web", to: "client", port: "8080/tcp", expect: "deny" }],
+      });
+    const policyFile = join(imgDir, "client-web.json");
+    writeFileSync(policyFile, policy(["8080/tcp"]));
+    t.match(
+      await ctl(lab, ["--capsule", "homeA", "policy", "apply", "-f", policyFile]),
+      /^policy\/client-web created\n/,
+      "capsulectl policy apply",
+    );
     let got = "";
     let ms = await waitFor(
       async () => {
@@ -186,6 +207,11 @@ if (!isRoot()) {
       500,
     );
     t.equal(got, "hello from capsule\n", `homeB workload -> homeA workload at ${addr}:8080 after ${ms} ms`);
+    t.match(
+      await ctl(lab, ["--capsule", "homeA", "policy", "explain", "client", "web", "8080/tcp"]),
+      /^allow client \(100\.[\d.]+\) -> web \(100\.[\d.]+\) 8080\/tcp\nallowed by policy client-web rule 1/,
+      "capsulectl policy explain",
+    );
     t.equal(
       await ctl(lab, [
         "--capsule",
@@ -320,13 +346,63 @@ if (!isRoot()) {
     const rtrLan = lab.plan.homes.find((h) => h.name === "homeA")?.routerLan ?? "";
     await startServer(lab, "homeA-rtr", rtrLan, 9100, "@peer", 60);
     t.equal(await peer("homeA", "web", rtrLan, 9100), lanA, "egress to the LAN is masqueraded");
-    const fabA = await fabricAddress(lab, "homeA");
-    await startServer(lab, "homeA", fabA, 9101, "@peer", 60);
-    t.equal(
-      await peer("homeB", "client", fabA, 9101),
-      (await get("homeB", "client")).address,
-      "fabric traffic keeps the workload's own source address",
+    // A server in web's own network namespace answers with the peer address it saw.
+    const webPid = (await get("homeA", "web")).pid;
+    const srv = await lab.exec("homeA", [
+      "setsid",
+      "-f",
+      "sh",
+      "-c",
+      'exec >/dev/null 2>&1 </dev/null; exec "$@"',
+      "server",
+      "nsenter",
+      "-t",
+      String(webPid),
+      "-n",
+      "timeout",
+      "60",
+      "socat",
+      "TCP-LISTEN:9101,reuseaddr,fork",
+      "SYSTEM:echo $SOCAT_PEERADDR",
+    ]);
+    t.equal(srv.exitCode, 0, `server in web's namespace: ${srv.stderr}`);
+    await waitFor(
+      async () =>
+        (
+          await lab.exec("homeA", ["nsenter", "-t", String(webPid), "-n", "ss", "-Htln", "sport = :9101"])
+        ).stdout.trim() !== "",
+      5_000,
     );
+    t.equal(await peer("homeB", "client", addr, 9101), "", "9101 is not in the policy: denied");
+    writeFileSync(policyFile, policy(["8080/tcp", "9101/tcp"]));
+    t.match(
+      await ctl(lab, ["--capsule", "homeA", "policy", "apply", "-f", policyFile]),
+      /^policy\/client-web configured\n/,
+    );
+    const clientAddr = (await get("homeB", "client")).address;
+    let seen = "";
+    await waitFor(
+      async () => {
+        seen = (await peer("homeB", "client", addr, 9101)).trim();
+        return seen !== "";
+      },
+      10_000,
+      200,
+    );
+    t.equal(seen, clientAddr, "fabric traffic keeps the workload's own source address");
+    const ss = await lab.exec("homeA", [
+      "nsenter",
+      "-t",
+      String(webPid),
+      "-n",
+      "ss",
+      "-Htlnp",
+      "sport = :9101",
+    ]);
+    for (const m of ss.stdout.matchAll(/pid=(\d+)/g))
+      try {
+        process.kill(Number(m[1]), "SIGTERM");
+      } catch {}
 
     // Volumes: data survives a restart; one workload at a time; delete refused while mounted.
     await rpc(lab, "homeA", "Volumes/Create", { name: "data", size: "64Mi" });

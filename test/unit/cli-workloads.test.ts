@@ -3,8 +3,10 @@
 // what is printed, and the exit code.
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { PassThrough, Readable } from "node:stream";
 import t from "tap";
 import { ageText, portsText } from "../../src/cli/commands/workload.js";
+import { FakeTerminal } from "../../src/cli/terminal.js";
 import { CapsuleError, ErrorCode } from "../../src/errors.js";
 import { NOW, harness, steps } from "../helpers/cli-harness.js";
 
@@ -413,12 +415,132 @@ t.test("workload exec: argv after --, output printed, the command's exit code", 
   t.equal(j.code, 3);
 });
 
-t.test("workload exec -t: a clear error, nothing sent", async (t) => {
-  const h = await harness(async () => t.fail("nothing may be sent"));
-  const r = await h.cli(["workload", "exec", "-t", "web", "--", "sh"]);
+// ---------------------------------------------------------------- exec -t / -i (ExecStream)
+
+type Msg = Record<string, unknown>;
+
+/** execServer plays Workloads/ExecStream: `script` gets the start message and the rest of the input. */
+function execServer(script: (start: Msg, rest: AsyncIterator<Msg>) => AsyncIterable<Msg>) {
+  return async function* (method: string, req: Record<string, unknown>) {
+    if (method !== "Workloads/ExecStream") throw new Error(`unexpected ${method}`);
+    const it = (req.input as AsyncIterable<Msg>)[Symbol.asyncIterator]();
+    const first = await it.next();
+    yield* script(first.value as Msg, it);
+  };
+}
+
+const out = (s: string) => ({ msg: "stdout", stdout: Buffer.from(s) });
+const noUnary = async () => {
+  throw new Error("no unary call");
+};
+
+t.test("exec -t: a terminal of the local size, resizes forwarded, the exit code", async (t) => {
+  const term = new FakeTerminal({ rows: 33, cols: 101 });
+  const h = await harness(
+    noUnary,
+    execServer(async function* (start, rest) {
+      t.same(start, {
+        start: {
+          name: "web",
+          argv: ["sh", "-c", "tty; stty size"],
+          tty: true,
+          stdin: false,
+          rows: 33,
+          cols: 101,
+        },
+      });
+      yield out("/dev/pts/0\r\n33 101\r\n");
+      term.resize({ rows: 40, cols: 120 });
+      t.same((await rest.next()).value, { resize: { rows: 40, cols: 120 } });
+      yield { msg: "exitCode", exitCode: 7 };
+    }),
+  );
+  const r = await h.cli(["workload", "exec", "-t", "web", "--", "sh", "-c", "tty; stty size"], {
+    terminal: term,
+  });
+  t.equal(r.code, 7, r.err);
+  t.equal(r.out, "/dev/pts/0\r\n33 101\r\n");
+  t.same(term.events, [], "no raw mode without -i");
+  t.equal(term.listeners, 0, "every handler removed");
+});
+
+t.test("exec -i: stdin forwarded, its end sent as stdin_closed, stderr apart", async (t) => {
+  const h = await harness(
+    noUnary,
+    execServer(async function* (start, rest) {
+      t.match(start, { start: { argv: ["cat"], tty: false, stdin: true, rows: 0, cols: 0 } });
+      let input = "";
+      for (;;) {
+        const m = (await rest.next()).value as Msg;
+        if (m.stdinClosed) break;
+        input += (m.stdin as Buffer).toString();
+      }
+      yield out(input);
+      yield { msg: "stderr", stderr: Buffer.from("warn\n") };
+      yield { msg: "exitCode", exitCode: 0 };
+    }),
+  );
+  const r = await h.cli(["workload", "exec", "-i", "web", "--", "cat"], {
+    stdin: Object.assign(Readable.from([Buffer.from("hi\n"), Buffer.from("there\n")]), { isTTY: false }),
+  });
+  t.equal(r.code, 0, r.err);
+  t.equal(r.out, "hi\nthere\n");
+  t.equal(r.err, "warn\n");
+  t.same(steps(h.calls), ["homeA Workloads/ExecStream"]);
+  t.equal(h.calls[0]?.opts?.deadlineMs, null, "no deadline on a session");
+});
+
+t.test("exec -ti on a terminal: raw mode on, and off again even when the call fails", async (t) => {
+  const term = new FakeTerminal({ rows: 24, cols: 80 });
+  const h = await harness(
+    noUnary,
+    execServer(async function* () {
+      t.same(term.events, ["raw on"]);
+      yield* [];
+      throw new CapsuleError(ErrorCode.FailedPrecondition, "container web.1 is not running", {
+        hint: "start the workload first",
+      });
+    }),
+  );
+  const stdin = Object.assign(new PassThrough(), { isTTY: true });
+  const r = await h.cli(["workload", "exec", "-ti", "web", "--", "sh"], { terminal: term, stdin });
   t.equal(r.code, 1);
-  t.match(r.err, /^error: interactive TTY is not supported yet\nhint: /);
-  t.equal(h.calls.length, 0);
+  t.equal(r.err, "error: container web.1 is not running\nhint: start the workload first\n");
+  t.same(term.events, ["raw on", "raw off"]);
+  t.equal(term.listeners, 0);
+  t.equal(stdin.listenerCount("data"), 0, "stdin let go");
+});
+
+t.test("exec -i: SIGTERM cancels the session (the capsule kills the command), exit 130", async (t) => {
+  const term = new FakeTerminal();
+  const h = await harness(
+    noUnary,
+    async function* (_m: string, req: Record<string, unknown>, _l: string, signal?: AbortSignal) {
+      const it = (req.input as AsyncIterable<Msg>)[Symbol.asyncIterator]();
+      await it.next();
+      yield out("started\n");
+      term.terminate();
+      t.ok(signal?.aborted, "the call is cancelled");
+      throw new CapsuleError(ErrorCode.Internal, "cancelled");
+    },
+  );
+  const stdin = Object.assign(new PassThrough(), { isTTY: false });
+  const r = await h.cli(["workload", "exec", "-i", "web", "--", "sleep", "100"], { terminal: term, stdin });
+  t.equal(r.code, 130);
+  t.equal(r.out, "started\n");
+  t.equal(term.listeners, 0);
+});
+
+t.test("exec -t: a session that ends without an exit code is an error", async (t) => {
+  const h = await harness(
+    noUnary,
+    execServer(async function* () {
+      yield out("x");
+    }),
+  );
+  const r = await h.cli(["workload", "exec", "-t", "web", "--", "true"]);
+  t.equal(r.code, 1);
+  t.match(r.err, /ended without an exit code/);
 });
 
 t.test("ports and ages render as the tables show them", async (t) => {

@@ -7,6 +7,7 @@ import { readdir, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { type Manifest, parseManifests } from "../../api/manifest.js";
 import { CapsuleError, ErrorCode, invalidArgument, isCapsuleError, toCapsuleError } from "../../errors.js";
+import type { ApplyPoliciesResponse__Output } from "../../gen/capsule/v1/ApplyPoliciesResponse.js";
 import type { ApplyResponse__Output } from "../../gen/capsule/v1/ApplyResponse.js";
 import type { ApplyResult__Output } from "../../gen/capsule/v1/ApplyResult.js";
 import type { DeleteWorkloadResponse__Output } from "../../gen/capsule/v1/DeleteWorkloadResponse.js";
@@ -19,13 +20,21 @@ import { humanDuration } from "../duration.js";
 import { renderKeyValues, renderTable, type View } from "../output.js";
 import type { RpcCaller, Session } from "../session.js";
 import type { Target } from "../targets.js";
+import { workloadExecStream } from "./exec.js";
 import { labelsText, showLines } from "./lines.js";
 
 /** MANIFEST_EXTENSIONS are the files `apply -f DIR` reads. */
 const MANIFEST_FILE = /\.(ya?ml|json)$/i;
 
-/** WAIT_POLL_MS is how often `apply --wait` asks for a workload's phase. */
+/**
+ * WAIT_POLL_MS is the longest interval between `apply --wait`'s polls of a workload's phase; the
+ * first come sooner (WAIT_FIRST_POLL_MS, doubling), since a container usually starts within a
+ * few hundred milliseconds (see bench/RESULTS.md) and a fixed 500 ms step was most of the wait.
+ */
 export const WAIT_POLL_MS = 500;
+
+/** WAIT_FIRST_POLL_MS is the interval before `apply --wait`'s second poll. */
+export const WAIT_FIRST_POLL_MS = 100;
 
 /** EVENTS_SHOWN is how many of the latest events `workload get` lists. */
 export const EVENTS_SHOWN = 10;
@@ -113,16 +122,48 @@ export interface ApplyOptions {
 }
 
 /**
- * apply validates every manifest locally (nothing is sent if one is bad), sends them all in one
- * Workloads/Apply to every selected capsule and prints `workload/web created|configured|unchanged`.
- * Idempotent: the capsule changes nothing for an unchanged spec. With `wait`, it then polls each
- * applied workload until it runs, failing (exit 1) on failed/backoff with the capsule's reason
- * or when `waitTimeoutMs` passes.
+ * apply validates every manifest locally (nothing is sent if one is bad), then on every selected
+ * capsule sends the Policy documents in one Policies/Apply and, once that succeeded, the
+ * Workload documents in one Workloads/Apply (policies first, so a workload comes up with the
+ * rules meant for it in force), and prints `policy/web-db ...` and `workload/web
+ * created|configured|unchanged`. Idempotent: the capsule changes nothing for an unchanged
+ * document. With `wait`, it then polls each applied workload until it runs, failing (exit 1) on
+ * failed/backoff with the capsule's reason or when `waitTimeoutMs` passes.
  */
 export async function apply(s: Session, opts: ApplyOptions): Promise<void> {
   const manifests = loadManifests(await readManifestFiles(opts.file));
-  const request = { manifestsJson: manifests.map((m) => JSON.stringify(m)), dryRun: opts.dryRun === true };
-  const { results, multi } = await s.rpc<ApplyResponse__Output>("Workloads/Apply", () => request);
+  const dryRun = opts.dryRun === true;
+  const policies = manifests.filter((m) => m.kind === "Policy").map((m) => JSON.stringify(m));
+  const workloads = manifests.filter((m) => m.kind !== "Policy").map((m) => JSON.stringify(m));
+  const targets = await s.targets();
+  const multi = s.isMulti(targets);
+  const deadlineMs = s.globals.timeoutMs;
+  const results = await s.withEach<ApplyResponse__Output>(
+    targets,
+    async (client) => {
+      const out: ApplyResponse__Output["results"] = [];
+      if (policies.length) {
+        const r = await client.call<ApplyPoliciesResponse__Output>(
+          "Policies/Apply",
+          // The workloads go along so the policies' tests may name them before they exist.
+          { manifestsJson: policies, dryRun, workloadsJson: workloads },
+          { deadlineMs },
+        );
+        out.push(...r.results.map((x) => ({ kind: "Policy", name: x.name, action: x.action })));
+      }
+      if (workloads.length) {
+        const r = await client.call<ApplyResponse__Output>(
+          "Workloads/Apply",
+          { manifestsJson: workloads, dryRun },
+          { deadlineMs },
+        );
+        out.push(...r.results);
+      }
+      return { results: out };
+    },
+    // Each call has its own --timeout; the two together get two.
+    { deadlineMs: policies.length && workloads.length ? 2 * deadlineMs : deadlineMs },
+  );
   const suffix = opts.dryRun ? " (dry run)" : "";
   showLines(s, results, multi, APPLY_VIEW, (v) =>
     v.results.map((r) => `${resourceName(r.kind, r.name)} ${r.action}${suffix}\n`).join(""),
@@ -178,6 +219,7 @@ async function waitRunning(
   signal: AbortSignal,
 ): Promise<Workload__Output[]> {
   const until = Date.now() + timeoutMs;
+  let pollMs = WAIT_FIRST_POLL_MS;
   const done = new Map<string, Workload__Output>();
   const last = new Map<string, Workload__Output>();
   for (;;) {
@@ -215,7 +257,8 @@ async function waitRunning(
         { hint: `raise --wait-timeout, or look: capsulectl --capsule ${t.name} workload get ${stuck[0]}` },
       );
     }
-    await s.io.sleep(WAIT_POLL_MS);
+    await s.io.sleep(pollMs);
+    pollMs = Math.min(WAIT_POLL_MS, pollMs * 2);
   }
 }
 
@@ -411,7 +454,11 @@ export async function workloadLogs(s: Session, name: string, opts: LogsOptions):
   }
 }
 
-/** ExecOptions: `tty` asks for an interactive terminal (refused for now); `timeoutMs` bounds the command (default 60 s). */
+/**
+ * ExecOptions: `tty` allocates a terminal for the command, `stdin` passes capsulectl's stdin to
+ * it (both unset = the one-shot Workloads/Exec); `timeoutMs` bounds a one-shot command (default
+ * 60 s; an interactive session has no bound).
+ */
 export interface ExecOptions {
   tty?: boolean;
   stdin?: boolean;
@@ -419,8 +466,9 @@ export interface ExecOptions {
 }
 
 /**
- * workloadExec runs `argv` in NAME on one capsule, prints its stdout and stderr, and exits with
- * its exit code. No TTY: the proto has no bidirectional stream yet, so `-t`/`-i` are refused.
+ * workloadExec runs `argv` in NAME on one capsule and exits with its exit code. Without -t/-i
+ * it is one Workloads/Exec: output printed when the command ended (or as JSON with -o json).
+ * With -t and/or -i it is a Workloads/ExecStream session: see {@link workloadExecStream}.
  */
 export async function workloadExec(
   s: Session,
@@ -428,13 +476,9 @@ export async function workloadExec(
   argv: string[],
   opts: ExecOptions,
 ): Promise<void> {
-  if (opts.tty || opts.stdin) {
-    throw new CapsuleError(ErrorCode.Unsupported, "interactive TTY is not supported yet", {
-      hint: `run a command without -t/-i: capsulectl workload exec ${name} -- CMD ARGS...`,
-    });
-  }
   if (argv.length === 0)
     throw invalidArgument("CMD", "name a command after --", `capsulectl workload exec ${name} -- ls /`);
+  if (opts.tty || opts.stdin) return workloadExecStream(s, name, argv, opts);
   const target = await s.one("workload exec");
   const timeoutMs = opts.timeoutMs ?? 60_000;
   // The call must outlive the command: its own deadline is the command's plus --timeout.

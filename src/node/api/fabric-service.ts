@@ -36,6 +36,7 @@ function toInventory(i: Partial<Inventory> | null | undefined): Inventory {
     capsuleAddress: i.capsuleAddress ?? "",
     generation: i.generation ?? "0",
     entries: (i.entries ?? []).map((e) => ({ name: e.name, address: e.address, labels: { ...e.labels } })),
+    edge: i.edge === true,
   };
 }
 

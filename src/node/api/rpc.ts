@@ -137,33 +137,62 @@ export function serverStream<Req, Res>(
   handler: (req: Req, ctx: RpcContext, signal: AbortSignal) => AsyncIterable<Res>,
 ): grpc.handleServerStreamingCall<Req, Res> {
   return (call) => {
-    const finish = rpcMeter(deps, path);
-    const abort = new AbortController();
-    call.on("cancelled", () => abort.abort());
-    call.on("close", () => abort.abort());
-    (async () => {
-      const principal = await authorize(deps, path, call.metadata);
-      for await (const msg of handler(call.request, { principal, method: path }, abort.signal)) {
-        if (abort.signal.aborted) break;
-        if (!call.write(msg)) {
-          await new Promise<void>((r) => {
-            call.once("drain", r);
-            abort.signal.addEventListener("abort", () => r(), { once: true });
-          });
-        }
-      }
-    })().then(
-      () => {
-        finish(abort.signal.aborted ? "CANCELLED" : "OK");
-        if (!abort.signal.aborted) call.end();
-      },
-      (e: unknown) => {
-        const ce = refused(deps, path, finish, e);
-        // grpc-js turns an "error" event into the call's status (code, details, metadata).
-        call.emit("error", Object.assign(new Error(ce.message), toServiceError(ce)));
-      },
-    );
+    streamOut(deps, path, call, (ctx, signal) => handler(call.request, ctx, signal));
   };
+}
+
+/**
+ * bidiStream wraps a bidirectional-streaming handler exactly like {@link unary} wraps a unary
+ * one: authentication before the first message is read, metrics, error mapping. The handler
+ * reads the client's messages from `input` and yields its own; a cancelled call aborts
+ * `signal`. Writes wait for the client (backpressure).
+ */
+export function bidiStream<Req, Res>(
+  deps: RpcDeps,
+  path: string,
+  handler: (input: AsyncIterable<Req>, ctx: RpcContext, signal: AbortSignal) => AsyncIterable<Res>,
+): grpc.handleBidiStreamingCall<Req, Res> {
+  return (call) => {
+    // Not the stream's own iterator: that destroys the call when the client half-closes, and
+    // with it everything the handler still has to send.
+    const input = call.iterator({ destroyOnReturn: false }) as AsyncIterable<Req>;
+    streamOut(deps, path, call, (ctx, signal) => handler(input, ctx, signal));
+  };
+}
+
+/** streamOut authorizes a streaming call, writes what `produce` yields, and ends or fails the call (both server-streaming wrappers). */
+function streamOut<Res>(
+  deps: RpcDeps,
+  path: string,
+  call: grpc.ServerWritableStream<unknown, Res> | grpc.ServerDuplexStream<unknown, Res>,
+  produce: (ctx: RpcContext, signal: AbortSignal) => AsyncIterable<Res>,
+): void {
+  const finish = rpcMeter(deps, path);
+  const abort = new AbortController();
+  call.on("cancelled", () => abort.abort());
+  call.on("close", () => abort.abort());
+  (async () => {
+    const principal = await authorize(deps, path, call.metadata);
+    for await (const msg of produce({ principal, method: path }, abort.signal)) {
+      if (abort.signal.aborted) break;
+      if (!call.write(msg)) {
+        await new Promise<void>((r) => {
+          call.once("drain", r);
+          abort.signal.addEventListener("abort", () => r(), { once: true });
+        });
+      }
+    }
+  })().then(
+    () => {
+      finish(abort.signal.aborted ? "CANCELLED" : "OK");
+      if (!abort.signal.aborted) call.end();
+    },
+    (e: unknown) => {
+      const ce = refused(deps, path, finish, e);
+      // grpc-js turns an "error" event into the call's status (code, details, metadata).
+      call.emit("error", Object.assign(new Error(ce.message), toServiceError(ce)));
+    },
+  );
 }
 
 /** needRuntime throws CAPSULE_FAILED_PRECONDITION when the workload runtime is not available. */

@@ -1,7 +1,10 @@
+import type { ExecInput__Output } from "../../gen/capsule/v1/ExecInput.js";
+import type { ExecOutput } from "../../gen/capsule/v1/ExecOutput.js";
 import type { WorkloadsHandlers } from "../../gen/capsule/v1/Workloads.js";
 import { invalidArgument } from "../../errors.js";
+import type { ExecSession } from "../runtime/exec.js";
 import type { Workloads, WorkloadView } from "../workloads/manager.js";
-import { needRuntime, type RpcDeps, serverStream, unary } from "./rpc.js";
+import { bidiStream, needRuntime, type RpcDeps, serverStream, unary } from "./rpc.js";
 
 /** WorkloadServiceDeps: `workloads` returns the manager, or undefined while workloads are not available (no fabric, containerd starting). */
 export interface WorkloadServiceDeps extends RpcDeps {
@@ -47,5 +50,61 @@ export function workloadService(d: WorkloadServiceDeps): WorkloadsHandlers {
       const r = await w().exec(name(req), req.argv, (req.timeoutSeconds || 60) * 1000);
       return { exitCode: r.exitCode, stdout: Buffer.from(r.stdout), stderr: Buffer.from(r.stderr) };
     }),
+    ExecStream: bidiStream(d, `${SVC}/ExecStream`, (input: AsyncIterable<ExecInput__Output>, _ctx, signal) =>
+      execStream(w, input, signal),
+    ),
   };
+}
+
+const size = (rows: number, cols: number) => ({ rows: Math.max(0, rows | 0), cols: Math.max(0, cols | 0) });
+
+/**
+ * execStream serves one Workloads/ExecStream: the first message starts the command; the rest
+ * (stdin, stdin_closed, resize) are fed to it while its output is sent back, then its exit
+ * code. A cancelled call, or a client that goes away, kills the command.
+ */
+async function* execStream(
+  w: () => Workloads,
+  input: AsyncIterable<ExecInput__Output>,
+  signal: AbortSignal,
+): AsyncGenerator<ExecOutput> {
+  const it = input[Symbol.asyncIterator]();
+  const first = await it.next();
+  const start = first.done ? undefined : first.value.start;
+  if (!start || first.value?.msg !== "start") {
+    throw invalidArgument("start", "the first message must be an ExecStart");
+  }
+  if (!start.argv?.length) throw invalidArgument("argv", "is empty", "give the command after --");
+  const session: ExecSession = await w().execStream(name(start), start.argv, {
+    tty: start.tty,
+    stdin: start.stdin,
+    size: size(start.rows, start.cols),
+  });
+  const kill = () => void session.kill();
+  signal.addEventListener("abort", kill, { once: true });
+  // The client's messages are fed to the command while its output flows back; a client that
+  // half-closes early only stops feeding it.
+  const feed = (async () => {
+    for (;;) {
+      const m = await it.next();
+      if (m.done) return;
+      if (m.value.msg === "stdin" && m.value.stdin) await session.write(m.value.stdin);
+      else if (m.value.msg === "stdinClosed") await session.closeStdin();
+      else if (m.value.msg === "resize" && m.value.resize)
+        await session.resize(size(m.value.resize.rows, m.value.resize.cols));
+    }
+  })();
+  // Input after the command ended, or a reset stream, changes nothing any more.
+  feed.catch(() => {});
+  try {
+    for await (const o of session.output) {
+      yield o.stream === "stdout" ? { stdout: o.data } : { stderr: o.data };
+    }
+    yield { exitCode: await session.exit };
+  } finally {
+    signal.removeEventListener("abort", kill);
+    // The caller stopped reading (cancelled, or an error): the command must not outlive it.
+    await session.kill();
+    await session.exit.catch(() => {});
+  }
 }

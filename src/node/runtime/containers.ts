@@ -18,7 +18,9 @@
  * The container (its rootfs snapshot, spec and labels) stays until {@link Containers.remove}.
  *
  * Every command is built by a pure `*Argv` function (golden-tested) and run through the
- * CommandRunner; calls on one container id run one at a time.
+ * CommandRunner; calls on one container id run one at a time. The one exception is
+ * {@link Containers.execStream}: an interactive exec talks to containerd's API directly (see
+ * containerd-api.ts for why ctr cannot do it).
  */
 import { createHash, randomBytes } from "node:crypto";
 import { mkdir, open, readFile, rm, writeFile } from "node:fs/promises";
@@ -28,7 +30,10 @@ import { pathToFileURL } from "node:url";
 import { CapsuleError, ErrorCode, invalidArgument } from "../../errors.js";
 import type { Clock } from "../host/clock.js";
 import type { CommandRunner, RunResult } from "../host/runner.js";
+import type { ContainerdApi } from "./containerd-api.js";
 import { type CtrEndpoint, ctrArgv, ctrError, ctrMessage, isNotFound, parseTable } from "./ctr.js";
+import { type ExecSession, type ExecStreamOptions, startExec } from "./exec.js";
+import type { PipeMaker } from "./exec-pipes.js";
 import type { Images } from "./images.js";
 
 /** LABEL_WORKLOAD names the workload a container belongs to; {@link Containers.list} finds ours by it. */
@@ -326,6 +331,12 @@ export interface ContainersOptions {
   newExecId?: () => string;
   /** runTimeoutMs bounds `ctr run` and `ctr tasks start`; unset = 60000. */
   runTimeoutMs?: number;
+  /**
+   * execApi opens a connection to containerd's API for one interactive exec (closed after it);
+   * `pipes` makes its FIFOs. Both unset = {@link Containers.execStream} is CAPSULE_UNSUPPORTED.
+   */
+  execApi?: () => ContainerdApi;
+  pipes?: PipeMaker;
 }
 
 /** StopOptions: `timeoutMs` (grace between SIGTERM and SIGKILL) unset = 10000. */
@@ -338,7 +349,7 @@ export interface RemoveOptions extends StopOptions {
   keepLogs?: boolean;
 }
 
-/** ExecOptions: all optional. `tty` must be unset or false (not supported yet); `input` is stdin (unset = empty); `timeoutMs` unset = 60000. */
+/** ExecOptions: all optional. `tty` must be unset or false (a terminal needs {@link Containers.execStream}); `input` is stdin (unset = empty); `timeoutMs` unset = 60000. */
 export interface ExecOptions {
   tty?: false;
   input?: string;
@@ -370,6 +381,8 @@ export class Containers {
   private readonly fifoDir: string | undefined;
   private readonly newExecId: () => string;
   private readonly runTimeoutMs: number;
+  private readonly execApi: (() => ContainerdApi) | undefined;
+  private readonly pipes: PipeMaker | undefined;
   private readonly locks = new Map<string, Promise<unknown>>();
 
   constructor(opts: ContainersOptions) {
@@ -382,6 +395,8 @@ export class Containers {
     this.fifoDir = opts.fifoDir;
     this.newExecId = opts.newExecId ?? (() => `exec-${randomBytes(6).toString("hex")}`);
     this.runTimeoutMs = opts.runTimeoutMs ?? 60_000;
+    this.execApi = opts.execApi;
+    this.pipes = opts.pipes;
   }
 
   /** logPath is where container `id`'s stdout and stderr go. */
@@ -663,15 +678,12 @@ export class Containers {
    * start (ctr's message says why).
    */
   async exec(id: string, argv: readonly string[], opts: ExecOptions = {}): Promise<ExecResult> {
-    if (opts.tty) throw new CapsuleError(ErrorCode.Unsupported, "exec with a tty is not supported yet");
-    if (argv.length === 0 || !argv[0]) throw invalidArgument("command", "is empty");
-    const t = await this.task(id);
-    if (t?.status !== "RUNNING") {
-      if (!(await this.info(id))) throw this.notFound(id);
-      throw new CapsuleError(ErrorCode.FailedPrecondition, `container ${id} is not running`, {
-        hint: "start the workload first",
+    if (opts.tty)
+      throw new CapsuleError(ErrorCode.Unsupported, "exec with a tty is not supported here", {
+        hint: "use execStream",
       });
-    }
+    if (argv.length === 0 || !argv[0]) throw invalidArgument("command", "is empty");
+    await this.mustRun(id);
     if (this.fifoDir) await mkdir(this.fifoDir, { recursive: true, mode: 0o700 });
     const cmd = execArgv(this.ep, id, this.newExecId(), argv, this.fifoDir);
     const r = await this.runner.run(cmd, {
@@ -682,6 +694,31 @@ export class Containers {
     // ctr exits with the process's code; its own failures are exit 1 with a "ctr: " line.
     if (r.exitCode === 1 && ctrMessage(r.stderr) !== undefined) throw ctrError(cmd, r);
     return { exitCode: r.exitCode, stdout: r.stdout, stderr: r.stderr };
+  }
+
+  private async mustRun(id: string): Promise<void> {
+    const t = await this.task(id);
+    if (t?.status !== "RUNNING") {
+      if (!(await this.info(id))) throw this.notFound(id);
+      throw new CapsuleError(ErrorCode.FailedPrecondition, `container ${id} is not running`, {
+        hint: "start the workload first",
+      });
+    }
+  }
+
+  /**
+   * execStream starts `argv` in running container `id` as an interactive session: stdin,
+   * output and the terminal's size streamed while it runs (see exec.ts). Changes nothing itself;
+   * the process may. Throws as {@link exec} does, and CAPSULE_UNSUPPORTED when this Containers
+   * was made without `execApi` and `pipes`.
+   */
+  async execStream(id: string, argv: readonly string[], opts: ExecStreamOptions = {}): Promise<ExecSession> {
+    if (!this.execApi || !this.pipes) {
+      throw new CapsuleError(ErrorCode.Unsupported, "interactive exec is not available on this capsule");
+    }
+    if (argv.length === 0 || !argv[0]) throw invalidArgument("command", "is empty");
+    await this.mustRun(id);
+    return startExec({ api: this.execApi(), pipes: this.pipes, execId: this.newExecId() }, id, argv, opts);
   }
 
   /**

@@ -87,4 +87,17 @@ export const MIGRATIONS: readonly { version: number; sql: string }[] = [
       ) STRICT;
     `,
   },
+  {
+    // Policies (one row per \`kind: Policy\` document, as validated JSON), and whether each peer
+    // is an edge (learned from its inventory) so \`{edge: NAME}\` selectors resolve at boot.
+    version: 4,
+    sql: `
+      CREATE TABLE policies (
+        name       TEXT PRIMARY KEY,
+        doc        TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+      ) STRICT;
+      ALTER TABLE fabric_peers ADD COLUMN edge INTEGER NOT NULL DEFAULT 0;
+    `,
+  },
 ];

@@ -3,6 +3,7 @@
  * runtime, network, volumes, NAT and address book that record what was asked of them as
  * canonical lines in `calls`. Never used by the composition root.
  */
+import { PassThrough } from "node:stream";
 import { CapsuleError, ErrorCode } from "../../errors.js";
 import {
   type ContainerInfo,
@@ -13,6 +14,7 @@ import {
   type RunAction,
   type StopResult,
 } from "../runtime/containers.js";
+import type { ExecSession, ExecStreamOptions } from "../runtime/exec.js";
 import type { AddressBook } from "./manager.js";
 import type { HostPortForward, PortForwarder, VolumeAttacher } from "./ports.js";
 import type { ContainerRuntime, NetRuntime } from "./reconciler.js";
@@ -101,6 +103,48 @@ export class FakeContainerRuntime implements ContainerRuntime {
     if (c?.state !== "running")
       throw new CapsuleError(ErrorCode.FailedPrecondition, `container ${id} is not running`);
     return { exitCode: 0, stdout: argv.join(" "), stderr: "" };
+  }
+
+  /**
+   * execStream plays a process that prints its argv (and `size RxC` for a terminal with a
+   * size), then echoes stdin and `resize RxC` lines until stdin closes; it exits with N when an
+   * argument says `exit N`, else 0 (137 when killed). Without stdin it exits at once.
+   */
+  async execStream(id: string, argv: readonly string[], opts: ExecStreamOptions = {}): Promise<ExecSession> {
+    this.calls.push(
+      `execStream ${id}${opts.tty ? " tty" : ""}${opts.stdin ? " stdin" : ""} ${argv.join(" ")}`,
+    );
+    const c = this.containers.get(id);
+    if (c?.state !== "running")
+      throw new CapsuleError(ErrorCode.FailedPrecondition, `container ${id} is not running`);
+    const code = Number(/exit (\d+)/.exec(argv.join(" "))?.[1] ?? 0);
+    const out = new PassThrough();
+    let done!: (code: number) => void;
+    const exit = new Promise<number>((r) => (done = r));
+    const end = (n: number) => {
+      if (out.writableEnded) return;
+      out.end();
+      done(n);
+    };
+    out.write(`${argv.join(" ")}\n`);
+    if (opts.tty && opts.size) out.write(`size ${opts.size.rows}x${opts.size.cols}\n`);
+    if (!opts.stdin) end(code);
+    return {
+      execId: "exec-fake",
+      pid: 4242,
+      output: (async function* () {
+        for await (const d of out) yield { stream: "stdout" as const, data: d as Buffer };
+      })(),
+      write: async (d) => {
+        if (!out.writableEnded) out.write(d);
+      },
+      closeStdin: async () => end(code),
+      resize: async (s) => {
+        if (opts.tty && !out.writableEnded) out.write(`resize ${s.rows}x${s.cols}\n`);
+      },
+      kill: async () => end(137),
+      exit,
+    };
   }
 
   async *logs(id: string): AsyncGenerator<string> {

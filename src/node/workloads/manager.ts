@@ -9,6 +9,7 @@ import { validateManifest, type WorkloadManifest } from "../../api/manifest.js";
 import { CapsuleError, ErrorCode, invalidArgument } from "../../errors.js";
 import type { Clock } from "../host/clock.js";
 import type { ExecResult } from "../runtime/containers.js";
+import type { ExecSession, ExecStreamOptions } from "../runtime/exec.js";
 import type { PortForwarder, VolumeAttacher } from "./ports.js";
 import {
   type ContainerRuntime,
@@ -149,7 +150,7 @@ export class Workloads {
       } catch (e) {
         throw invalidArgument(`document ${i + 1}`, `is not JSON: ${(e as Error).message}`);
       }
-      docs.push(validateManifest(doc));
+      docs.push(validateManifest(doc, undefined, "Workload"));
     });
     if (docs.length === 0) throw invalidArgument("manifests", "none given");
     const names = new Set<string>();
@@ -157,7 +158,14 @@ export class Workloads {
       if (names.has(m.name)) throw invalidArgument(m.name, `Workload ${m.name} appears twice`);
       names.add(m.name);
     }
-    for (const m of docs) await this.check(m);
+    // One image store lookup per image, not per document (each is a `ctr images ls`).
+    const images = new Map<string, Promise<boolean>>();
+    const hasImage = (ref: string) => {
+      let p = images.get(ref);
+      if (!p) images.set(ref, (p = this.o.images.has(ref)));
+      return p;
+    };
+    for (const m of docs) await this.check(m, hasImage);
     await this.checkHostPorts(docs);
 
     const plan = docs.map((m) => {
@@ -233,13 +241,13 @@ export class Workloads {
     return results;
   }
 
-  private async check(m: WorkloadManifest): Promise<void> {
+  private async check(m: WorkloadManifest, hasImage: (ref: string) => Promise<boolean>): Promise<void> {
     if (!m.container) {
       throw new CapsuleError(ErrorCode.Unsupported, `${m.name}: microVM workloads are not supported yet`, {
         hint: "use container:",
       });
     }
-    if (!(await this.o.images.has(m.container.image))) {
+    if (!(await hasImage(m.container.image))) {
       throw new CapsuleError(
         ErrorCode.NotFound,
         `${m.name}: image ${m.container.image} is not in this capsule's image store`,
@@ -463,5 +471,19 @@ export class Workloads {
   exec(name: string, argv: readonly string[], timeoutMs = 60_000): Promise<ExecResult> {
     const id = Reconciler.currentId(this.row(name));
     return this.o.containers.exec(id, argv, { timeoutMs });
+  }
+
+  /**
+   * execStream starts `argv` in workload `name`'s running container as an interactive session
+   * (terminal, stdin, resizes; see runtime/exec.ts). CAPSULE_NOT_FOUND for no such workload,
+   * CAPSULE_FAILED_PRECONDITION when it is not running.
+   */
+  async execStream(
+    name: string,
+    argv: readonly string[],
+    opts: ExecStreamOptions = {},
+  ): Promise<ExecSession> {
+    const id = Reconciler.currentId(this.row(name));
+    return this.o.containers.execStream(id, argv, opts);
   }
 }

@@ -29,6 +29,7 @@ import {
   type StopOptions,
   type StopResult,
 } from "../runtime/containers.js";
+import type { ExecSession, ExecStreamOptions } from "../runtime/exec.js";
 import { workloadNetNames } from "../runtime/netns.js";
 import type { PortForwarder, VolumeAttacher } from "./ports.js";
 import type { Desired, WorkloadRepo, WorkloadRow } from "./repo.js";
@@ -42,6 +43,7 @@ export interface ContainerRuntime {
   remove(id: string, opts?: RemoveOptions): Promise<boolean>;
   list(): Promise<ContainerInfo[]>;
   exec(id: string, argv: readonly string[], opts?: ExecOptions): Promise<ExecResult>;
+  execStream(id: string, argv: readonly string[], opts?: ExecStreamOptions): Promise<ExecSession>;
   logs(id: string, opts?: LogsOptions): AsyncGenerator<string>;
 }
 
