@@ -14,7 +14,7 @@ import { containerdPaths } from "../../src/node/runtime/containerd.js";
 import { ctl } from "../helpers/fabric.js";
 import { buildImageArchive } from "../helpers/images.js";
 import { isRoot, ROOT_SKIP, withLab } from "../helpers/lab.js";
-import { killWorkloads, shellQuote, waitRuntime } from "../helpers/workloads.js";
+import { shellQuote, waitRuntime } from "../helpers/workloads.js";
 
 if (!isRoot()) {
   t.plan(0, ROOT_SKIP);
@@ -23,7 +23,6 @@ if (!isRoot()) {
     const lab = await withLab(t, { edge: false, homes: 1 });
     const imgDir = mkdtempSync(join(tmpdir(), "capsule-exec-img-"));
     t.teardown(() => rmSync(imgDir, { recursive: true, force: true }));
-    t.teardown(() => killWorkloads(lab, ["homeA"]));
 
     const up = await waitRuntime(lab, "homeA");
     t.ok(up >= 0, `workload runtime up after ${up} ms`);
