@@ -20,7 +20,7 @@ import { Lab } from "../lab/lab.js";
 import { containerdPaths } from "../src/node/runtime/containerd.js";
 import { ctl } from "../test/helpers/fabric.js";
 import { buildImageArchive } from "../test/helpers/images.js";
-import { killWorkloads, waitRuntime } from "../test/helpers/workloads.js";
+import { waitRuntime } from "../test/helpers/workloads.js";
 import type { Row } from "./run.js";
 
 const BENCH = "workloads";
@@ -218,7 +218,6 @@ export async function run(): Promise<Row[]> {
     );
     return rows;
   } finally {
-    await killWorkloads(lab, ["homeA"]);
     await lab.down();
   }
 }

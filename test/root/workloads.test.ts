@@ -3,12 +3,11 @@
 // NAT, so across the edge's relay), restart after a kill behind capsuled's back, adoption after a
 // capsuled SIGKILL (no duplicate container), a spec change recreating it on the same address, a
 // host-port conflict refused with nothing changed, and `get` showing phase, address and events.
-import { mkdtempSync, readdirSync, readFileSync, rmdirSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import t from "tap";
 import { containerdPaths } from "../../src/node/runtime/containerd.js";
-import { defaultCgroupParent } from "../../src/node/runtime/containers.js";
 import { ctl, rpc, waitFor } from "../helpers/fabric.js";
 import { buildImageArchive } from "../helpers/images.js";
 import { isRoot, ROOT_SKIP, startServer, withLab } from "../helpers/lab.js";
@@ -24,31 +23,6 @@ interface Workload {
   events: { type: string; message: string }[];
 }
 
-/** Every pid in cgroup `parent` and below (v1 hierarchies or v2), and the directories. */
-function cgroupTree(parent: string): { dirs: string[]; pids: number[] } {
-  const root = "/sys/fs/cgroup";
-  const dirs: string[] = [];
-  const pids: number[] = [];
-  const walk = (d: string) => {
-    let entries: string[];
-    try {
-      entries = readdirSync(d, { withFileTypes: true })
-        .filter((e) => e.isDirectory())
-        .map((e) => join(d, e.name));
-    } catch {
-      return;
-    }
-    dirs.push(d);
-    try {
-      for (const l of readFileSync(join(d, "cgroup.procs"), "utf8").split("\n")) if (l) pids.push(Number(l));
-    } catch {}
-    for (const e of entries) walk(e);
-  };
-  walk(join(root, parent));
-  for (const h of readdirSync(root)) walk(join(root, h, parent));
-  return { dirs, pids };
-}
-
 if (!isRoot()) {
   t.plan(0, ROOT_SKIP);
 } else {
@@ -56,31 +30,6 @@ if (!isRoot()) {
     const lab = await withLab(t);
     const imgDir = mkdtempSync(join(tmpdir(), "capsule-wl-img-"));
     t.teardown(() => rmSync(imgDir, { recursive: true, force: true }));
-    // Container processes live in workload namespaces the lab does not know about: kill them
-    // (by the capsules' cgroups) before the lab's own teardown, which runs after this one.
-    t.teardown(async () => {
-      for (const c of ["homeA", "homeB"]) {
-        const parent = defaultCgroupParent({
-          address: containerdPaths(lab.capsule(c).stateDir).address,
-          namespace: "capsule",
-          snapshotter: "overlayfs",
-        });
-        for (let i = 0; i < 20; i++) {
-          const { pids, dirs } = cgroupTree(parent);
-          for (const p of pids)
-            try {
-              process.kill(p, "SIGKILL");
-            } catch {}
-          for (const d of dirs.reverse())
-            try {
-              rmdirSync(d);
-            } catch {}
-          if (!cgroupTree(parent).dirs.length) break;
-          await new Promise((r) => setTimeout(r, 100));
-        }
-      }
-    });
-
     await ctl(lab, ["fabric", "enroll", "edge", "homeA"]);
     await ctl(lab, ["fabric", "enroll", "edge", "homeB"]);
     await ctl(lab, ["fabric", "enroll", "homeA", "homeB"]);
