@@ -19,7 +19,7 @@ import {
   fabricStatus,
   fabricUnenroll,
 } from "./commands/fabric.js";
-import { DEFAULT_PUSH_TIMEOUT_MS, imageList, imagePush } from "./commands/image.js";
+import { DEFAULT_PUSH_TIMEOUT_MS, imageList, imagePull, imagePush } from "./commands/image.js";
 import { operatorAdd, operatorList, operatorRemove, operatorWhoami } from "./commands/operator.js";
 import {
   policyApply,
@@ -238,6 +238,21 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
     .action(
       act((s, archive: string, opts: { pushTimeout: number }) =>
         imagePush(s, archive, { timeoutMs: opts.pushTimeout }),
+      ),
+    );
+  image
+    .command("pull")
+    .description("have each capsule pull an image by reference from a registry it can reach")
+    .argument("<ref>", "[REGISTRY/]NAME:TAG")
+    .option("--plain-http", "the registry speaks plain HTTP (a LAN registry without TLS)")
+    .addOption(
+      new Option("--pull-timeout <duration>", "bound on each capsule's pull")
+        .default(DEFAULT_PUSH_TIMEOUT_MS, "10m")
+        .argParser(durationArg("--pull-timeout")),
+    )
+    .action(
+      act((s, ref: string, opts: { plainHttp?: boolean; pullTimeout: number }) =>
+        imagePull(s, ref, { plainHttp: opts.plainHttp === true, timeoutMs: opts.pullTimeout }),
       ),
     );
   image

@@ -138,3 +138,15 @@ t.test("image list: reference, short digest, human size; wide the full digest; f
   );
   t.equal(shortDigest("weird"), "weird");
 });
+
+t.test("image pull: one Pull call with the reference and --plain-http, the push table", async (t) => {
+  const h = await harness(async (method, req) => {
+    t.equal(method, "Images/Pull");
+    t.same(req, { ref: "reg.lan:5000/demo/httpd:1", plainHttp: true });
+    return { images: [{ ...IMAGE, ref: "reg.lan:5000/demo/httpd:1" }] };
+  });
+  const r = await h.cli(["image", "pull", "reg.lan:5000/demo/httpd:1", "--plain-http"]);
+  t.equal(r.code, 0, r.err);
+  t.match(r.out, /^IMAGE\s+DIGEST\s+SIZE\nreg\.lan:5000\/demo\/httpd:1\s+sha256:0123456789ab\s+5\.00 MiB\n$/);
+  t.equal(h.calls[0]?.opts?.deadlineMs, 600_000, "a pull has the push's longer deadline");
+});

@@ -247,3 +247,72 @@ t.test("resolve, has, remove", async (t) => {
     ["demo/httpd:1", "docker.io/demo/httpd:2"],
   );
 });
+
+t.test(
+  "pull: ctr images pull of the normalized reference into the snapshotter, then the image",
+  async (t) => {
+    let pulled = false;
+    const { runner, images } = store((c) => {
+      if (c.startsWith(`${CTR} images pull`)) {
+        pulled = true;
+        return { stdout: "done\n" };
+      }
+      if (c === `${CTR} images ls`) return { stdout: pulled ? LS : LS.split("\n")[0]! };
+      return undefined;
+    });
+    const got = await images.pull("demo/httpd:2", { plainHttp: true });
+    t.equal(got.name, "docker.io/demo/httpd:2");
+    t.same(runner.commands, [
+      `${CTR} images pull --snapshotter native --plain-http docker.io/demo/httpd:2`,
+      `${CTR} images ls`,
+    ]);
+  },
+);
+
+t.test("pull: bad references and registry failures are one clear line each, nothing stored", async (t) => {
+  await t.rejects(store(() => undefined).images.pull("Not A Ref"), {
+    code: "CAPSULE_INVALID_ARGUMENT",
+    message: /ref: "Not A Ref" is not an image reference/,
+  });
+  const cases: [string, string, { code: string; message: RegExp; hint?: RegExp }][] = [
+    [
+      "not found",
+      'ctr: failed to resolve reference "127.0.0.1:5000/x:9": 127.0.0.1:5000/x:9: not found',
+      {
+        code: "CAPSULE_NOT_FOUND",
+        message: /image 127\.0\.0\.1:5000\/x:9 is not in registry 127\.0\.0\.1:5000/,
+      },
+    ],
+    [
+      "unauthorized",
+      "ctr: failed to resolve reference: pulling from host r.example failed with status code [manifests 1]: 401 Unauthorized",
+      { code: "CAPSULE_PERMISSION_DENIED", message: /wants credentials/ },
+    ],
+    [
+      "plain http",
+      'ctr: failed to resolve reference: failed to do request: Head "https://127.0.0.1:5000/v2/x/manifests/9": http: server gave HTTP response to HTTPS client',
+      { code: "CAPSULE_FAILED_PRECONDITION", message: /speaks plain HTTP/, hint: /--plain-http/ },
+    ],
+    [
+      "unreachable",
+      'ctr: failed to resolve reference: failed to do request: Head "http://127.0.0.1:5999/v2/x/manifests/9": dial tcp 127.0.0.1:5999: connect: connection refused',
+      { code: "CAPSULE_UNREACHABLE", message: /registry 127\.0\.0\.1:5999 cannot be reached/ },
+    ],
+  ];
+  for (const [name, stderr, want] of cases) {
+    const ref =
+      name === "unauthorized"
+        ? "r.example/x:1"
+        : name === "unreachable"
+          ? "127.0.0.1:5999/x:9"
+          : "127.0.0.1:5000/x:9";
+    const { runner, images } = store((c) =>
+      c.startsWith(`${CTR} images pull`) ? { exitCode: 1, stderr } : undefined,
+    );
+    await t.rejects(images.pull(ref), want, name);
+    t.notOk(
+      runner.commands.some((c) => c.includes("images ls")),
+      `${name}: nothing listed as stored`,
+    );
+  }
+});

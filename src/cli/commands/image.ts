@@ -1,5 +1,5 @@
 /**
- * `capsulectl image push ARCHIVE.tar | image list`: push streams an image archive into each
+ * `capsulectl image push ARCHIVE.tar | image pull REF | image list`: push streams an image archive into each
  * selected capsule's image store (Images/Push, client-streaming) in {@link CHUNK_SIZE} chunks,
  * with a progress bar on a terminal; list fans out like every read.
  */
@@ -136,4 +136,32 @@ function progressBars(s: Session): cliProgress.MultiBar {
 /** imageList lists every selected capsule's images. Read-only. */
 export async function imageList(s: Session): Promise<void> {
   await s.rpcAndShow<ListImagesResponse__Output, Image__Output>("Images/List", () => ({}), IMAGE_VIEW);
+}
+
+/** PullOptions: `plainHttp` allows a registry without TLS; `timeoutMs` bounds each capsule's pull (default {@link DEFAULT_PUSH_TIMEOUT_MS}). */
+export interface PullOptions {
+  plainHttp?: boolean;
+  timeoutMs?: number;
+}
+
+/**
+ * imagePull has every selected capsule pull REF from its registry (Images/Pull), in parallel,
+ * and prints what each stored. Idempotent on the capsule.
+ */
+export async function imagePull(s: Session, ref: string, opts: PullOptions = {}): Promise<void> {
+  if (!ref)
+    throw invalidArgument("REF", "name an image reference", "capsulectl image pull REGISTRY/NAME:TAG");
+  const targets = await s.targets();
+  const timeoutMs = opts.timeoutMs ?? DEFAULT_PUSH_TIMEOUT_MS;
+  const results = await s.withEach(
+    targets,
+    (client) =>
+      client.call<PushImageResponse__Output>(
+        "Images/Pull",
+        { ref, plainHttp: opts.plainHttp === true },
+        { deadlineMs: timeoutMs },
+      ),
+    { deadlineMs: timeoutMs },
+  );
+  s.show(results, IMAGE_VIEW, s.isMulti(targets));
 }

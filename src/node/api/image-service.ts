@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { pipeline } from "node:stream/promises";
 import type { ImageChunk__Output } from "../../gen/capsule/v1/ImageChunk.js";
 import type { ImagesHandlers } from "../../gen/capsule/v1/Images.js";
+import type { PullImageRequest__Output } from "../../gen/capsule/v1/PullImageRequest.js";
 import type { PushImageResponse } from "../../gen/capsule/v1/PushImageResponse.js";
 import { invalidArgument } from "../../errors.js";
 import type { ImageInfo, Images } from "../runtime/images.js";
@@ -27,6 +28,10 @@ export function imageService(d: ImageServiceDeps): ImagesHandlers {
     List: unary(d, `${SVC}/List`, async () => ({
       images: (await needRuntime(d.images()).list()).map(toImage),
     })),
+    Pull: unary(d, `${SVC}/Pull`, async (req: PullImageRequest__Output): Promise<PushImageResponse> => {
+      if (!req.ref) throw invalidArgument("ref", "is required", "capsulectl image pull REF");
+      return { images: [toImage(await needRuntime(d.images()).pull(req.ref, { plainHttp: req.plainHttp }))] };
+    }),
     Push: clientStream(d, `${SVC}/Push`, async (stream: AsyncIterable<ImageChunk__Output>) => {
       const images = needRuntime(d.images());
       const dir = join(d.stateDir, "tmp");

@@ -1,7 +1,7 @@
 /**
  * Images: the capsule's image store, containerd's content store in our namespace, filled from
  * archives (`capsulectl image push ARCHIVE.tar`): an OCI image layout tar or a `docker save`
- * tar. There is no registry and no pull.
+ * tar, or pulled by reference from a registry the capsule can reach (`capsulectl image pull`).
  *
  * An archive is read before it is imported (`tar -t`, then its index.json or manifest.json) so
  * a bad one is rejected with a clear error before anything changes, and so we know the names
@@ -253,6 +253,34 @@ export class Images {
     return out;
   }
 
+  /**
+   * pull fetches `ref` from its registry into the store (unpacked into the endpoint's
+   * snapshotter, this host's platform only) and returns it. `plainHttp` allows a registry
+   * without TLS (a LAN registry). Idempotent: content is stored by digest. Throws
+   * CAPSULE_INVALID_ARGUMENT for a malformed reference, CAPSULE_NOT_FOUND when the registry has
+   * no such image, CAPSULE_PERMISSION_DENIED when it wants credentials, CAPSULE_UNREACHABLE when
+   * it cannot be reached; the store is unchanged on failure.
+   */
+  async pull(ref: string, opts: { plainHttp?: boolean } = {}): Promise<ImageInfo> {
+    if (!isValidRef(ref))
+      throw invalidArgument("ref", `"${ref}" is not an image reference`, "use [REGISTRY/]NAME:TAG");
+    const full = normalizeRef(ref);
+    const argv = ctrArgv(
+      this.ep,
+      "images",
+      "pull",
+      "--snapshotter",
+      this.ep.snapshotter,
+      ...(opts.plainHttp ? ["--plain-http"] : []),
+      full,
+    );
+    const r = await this.runner.run(argv, { allowFailure: true, timeoutMs: this.importTimeoutMs });
+    if (r.exitCode !== 0) throw pullError(ref, full, argv, r);
+    const img = await this.get(full);
+    if (!img) throw new CapsuleError(ErrorCode.Internal, `pulled ${full} but the store does not list it`);
+    return img;
+  }
+
   /** list returns every image in the store, sorted by name. Read-only. */
   async list(): Promise<ImageInfo[]> {
     const argv = ctrArgv(this.ep, "images", "ls");
@@ -297,4 +325,57 @@ export class Images {
     if (r.exitCode !== 0) throw ctrError(argv, r);
     return true;
   }
+}
+
+/** registryOf is the registry host of a normalized reference ("docker.io/library/x:1" -> "docker.io"). Pure. */
+export function registryOf(full: string): string {
+  return full.split("/")[0] ?? full;
+}
+
+/** pullError maps a failed `ctr images pull` to one line naming the image and its registry, with a hint. */
+function pullError(
+  ref: string,
+  full: string,
+  argv: string[],
+  r: { exitCode: number; stdout: string; stderr: string },
+): CapsuleError {
+  const cause = ctrError(argv, r);
+  const why = ctrMessage(r.stderr) ?? r.stderr.trim().split("\n").pop() ?? "?";
+  // ctrError reads any "connection refused" as containerd's; a registry's names its URL or host.
+  if (cause.code === ErrorCode.Unreachable && !/resolve reference|dial tcp|https?:\/\//.test(why))
+    return cause;
+  const registry = registryOf(full);
+  if (/not found|manifest unknown|404/i.test(why))
+    return new CapsuleError(ErrorCode.NotFound, `image ${ref} is not in registry ${registry}`, {
+      hint: "check the name and tag",
+      cause,
+    });
+  if (/unauthorized|401|403|denied|authorization/i.test(why))
+    return new CapsuleError(
+      ErrorCode.PermissionDenied,
+      `registry ${registry} refused ${ref}: it wants credentials`,
+      {
+        hint: "push the image as an archive instead: capsulectl image push ARCHIVE.tar",
+        cause,
+      },
+    );
+  if (/http: server gave HTTP response to HTTPS client/i.test(why))
+    return new CapsuleError(ErrorCode.FailedPrecondition, `registry ${registry} speaks plain HTTP`, {
+      hint: "add --plain-http for a LAN registry without TLS",
+      cause,
+    });
+  if (
+    /connection refused|no such host|i\/o timeout|dial tcp|network is unreachable|no route to host|timeout/i.test(
+      why,
+    )
+  )
+    return new CapsuleError(
+      ErrorCode.Unreachable,
+      `registry ${registry} cannot be reached from this capsule: ${why}`,
+      {
+        hint: "check the registry address and the capsule's network; or push an archive: capsulectl image push",
+        cause,
+      },
+    );
+  return new CapsuleError(ErrorCode.CommandFailed, `pull of ${ref} failed: ${why}`, { cause });
 }
