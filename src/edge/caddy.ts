@@ -1,0 +1,368 @@
+/**
+ * Caddy: an edge capsule's own Caddy, started detached and adopted on restart, and the applier
+ * that keeps its config equal to the planned one.
+ *
+ * Restart safety follows containerd (src/node/runtime/containerd.ts): Caddy runs in its own
+ * session and outlives capsuled, so a SIGKILLed capsuled never takes visitors' traffic down. A
+ * starting capsuled adopts a Caddy whose admin socket answers; it starts one only when none
+ * answers, and a Caddy of ours that is alive but silent past the start timeout is killed and
+ * replaced. Caddy starts from a bootstrap config that sets only the admin socket and storage;
+ * {@link CaddyEdge.apply} then loads the planned config through the admin API. Because
+ * `admin.config.persist` is off, a restarted Caddy comes back with the bootstrap config, and the
+ * applier (which compares with `GET /config/`, not with a cache) loads the routes again.
+ *
+ * Everything lives under `<stateDir>/caddy/`: bootstrap.json, storage/ (certificates, ACME
+ * accounts, the internal CA at storage/pki/authorities/local/root.crt), caddy.log, caddy.pid
+ * and the admin socket when its path fits (see {@link caddyPaths}).
+ */
+import { createHash } from "node:crypto";
+import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { CapsuleError, ErrorCode } from "../errors.js";
+import type { Clock } from "../node/host/clock.js";
+import type { CommandRunner } from "../node/host/runner.js";
+import type { ProcessSpawner } from "../node/host/spawner.js";
+import { type CaddyAdmin, UnixCaddyAdmin } from "./admin.js";
+import { canonicalJson, type EdgeRoute, type PlanOptions, planCaddyConfig } from "./plan.js";
+
+/** SOCKET_PATH_MAX is the longest unix socket path Linux takes. */
+const SOCKET_PATH_MAX = 107;
+
+/** CaddyPaths is where one Caddy keeps everything (see {@link caddyPaths}). */
+export interface CaddyPaths {
+  /** dir is `<stateDir>/caddy`. */
+  dir: string;
+  bootstrap: string;
+  storage: string;
+  log: string;
+  pidFile: string;
+  adminSocket: string;
+  /** socketDir is set when the socket had to move to /run (the state dir path is too long for one). */
+  socketDir: string | undefined;
+  /** rootCert is the internal CA's root certificate (exists once Caddy issued with the internal issuer). */
+  rootCert: string;
+}
+
+/**
+ * caddyPaths lays out one Caddy under the state dir (pure). The admin socket is
+ * `<stateDir>/caddy/admin.sock` unless that path is too long for a unix socket address; then it
+ * is `/run/capsule-<12 hex of sha256(stateDir)>/caddy-admin.sock` and `socketDir` says so.
+ */
+export function caddyPaths(stateDir: string): CaddyPaths {
+  const dir = join(stateDir, "caddy");
+  let adminSocket = join(dir, "admin.sock");
+  let socketDir: string | undefined;
+  if (Buffer.byteLength(adminSocket) > SOCKET_PATH_MAX) {
+    socketDir = `/run/capsule-${createHash("sha256").update(stateDir).digest("hex").slice(0, 12)}`;
+    adminSocket = `${socketDir}/caddy-admin.sock`;
+  }
+  const storage = join(dir, "storage");
+  return {
+    dir,
+    bootstrap: join(dir, "bootstrap.json"),
+    storage,
+    log: join(dir, "caddy.log"),
+    pidFile: join(dir, "caddy.pid"),
+    adminSocket,
+    socketDir,
+    rootCert: join(storage, "pki", "authorities", "local", "root.crt"),
+  };
+}
+
+/** renderBootstrapConfig is the config Caddy starts with: admin socket and storage only (pure). */
+export function renderBootstrapConfig(p: CaddyPaths): Record<string, unknown> {
+  return {
+    admin: { listen: `unix/${p.adminSocket}`, config: { persist: false } },
+    storage: { module: "file_system", root: p.storage },
+  };
+}
+
+/** CaddySupervisorOptions: `runner`, `spawner` and `clock` are required; the rest are optional. */
+export interface CaddySupervisorOptions {
+  runner: CommandRunner;
+  spawner: ProcessSpawner;
+  /** clock paces the bounded waits and {@link CaddySupervisor.watch}. */
+  clock: Clock;
+  /** caddy is the binary; unset = "caddy" from PATH. */
+  caddy?: string;
+  /** admin makes the admin client for a socket path; unset = {@link UnixCaddyAdmin}. */
+  admin?: (socketPath: string) => CaddyAdmin;
+  /** timeoutMs bounds waiting for a Caddy to answer or to exit; unset = 15000. */
+  timeoutMs?: number;
+}
+
+/** EnsureCaddyOptions: `stateDir` is required: capsuled's state dir (Caddy's goes under it). */
+export interface EnsureCaddyOptions {
+  stateDir: string;
+}
+
+/** CaddyState is a running Caddy as {@link CaddySupervisor.ensure} found or made it. */
+export interface CaddyState {
+  paths: CaddyPaths;
+  /** admin talks to this Caddy (the same client across calls for one state dir). */
+  admin: CaddyAdmin;
+  /** pid is Caddy's pid when known (from the pid file, checked to be our Caddy). */
+  pid: number | undefined;
+  /** adopted is true when a Caddy already answered and was kept. */
+  adopted: boolean;
+}
+
+/** WatchOptions: `stateDir` and `signal` are required; the rest are optional. */
+export interface WatchOptions {
+  stateDir: string;
+  /** signal ends the watch. */
+  signal: AbortSignal;
+  /** onRestart runs after the watch started a new Caddy (re-apply the routes there). Its errors count as a failed restart. */
+  onRestart?: (state: CaddyState) => Promise<void>;
+  /** intervalMs is how often the pid is checked; unset = 3000. */
+  intervalMs?: number;
+  /** maxBackoffMs caps the wait between failed restarts (doubling from 1000); unset = 60000. */
+  maxBackoffMs?: number;
+}
+
+const POLL_MS = 50;
+
+/**
+ * CaddySupervisor supervises an edge's Caddy: {@link ensure} adopts or starts it, {@link watch}
+ * restarts it when it dies, {@link stop} ends it. See the module comment for the design.
+ */
+export class CaddySupervisor {
+  private readonly runner: CommandRunner;
+  private readonly spawner: ProcessSpawner;
+  private readonly clock: Clock;
+  private readonly bin: string;
+  private readonly makeAdmin: (socketPath: string) => CaddyAdmin;
+  private readonly timeoutMs: number;
+  private readonly admins = new Map<string, CaddyAdmin>();
+  private queue: Promise<unknown> = Promise.resolve();
+
+  constructor(opts: CaddySupervisorOptions) {
+    this.runner = opts.runner;
+    this.spawner = opts.spawner;
+    this.clock = opts.clock;
+    this.bin = opts.caddy ?? "caddy";
+    this.makeAdmin = opts.admin ?? ((socketPath) => new UnixCaddyAdmin({ socketPath }));
+    this.timeoutMs = opts.timeoutMs ?? 15_000;
+  }
+
+  private adminFor(p: CaddyPaths): CaddyAdmin {
+    let a = this.admins.get(p.adminSocket);
+    if (!a) {
+      a = this.makeAdmin(p.adminSocket);
+      this.admins.set(p.adminSocket, a);
+    }
+    return a;
+  }
+
+  /** ourPid returns the pid in the pid file when that process is alive and is a Caddy running our bootstrap config. */
+  private async ourPid(p: CaddyPaths): Promise<number | undefined> {
+    const pid = Number.parseInt(await readFile(p.pidFile, "utf8").catch(() => ""), 10);
+    if (!Number.isInteger(pid) || pid <= 0 || !(await this.spawner.isAlive(pid))) return undefined;
+    // The pid may have been reused since: only a process running our bootstrap config counts.
+    const r = await this.runner.run(["cat", `/proc/${pid}/cmdline`], { allowFailure: true });
+    return r.exitCode === 0 && r.stdout.split("\0").includes(p.bootstrap) ? pid : undefined;
+  }
+
+  /**
+   * ensure makes a Caddy answer on the state dir's admin socket and returns how to reach it.
+   * Idempotent: a Caddy that answers is adopted untouched (its routes stay as they are); one of
+   * ours that is starting is waited for; one that stays silent past the timeout is killed and
+   * replaced; with none, one is started detached (`caddy run --config bootstrap.json`, own
+   * session, output to caddy.log) and waited for. Throws CAPSULE_COMMAND_FAILED when the new
+   * Caddy exits at start (the hint has its log's tail), CAPSULE_TIMEOUT when it does not answer
+   * in time. Calls on one supervisor run one at a time.
+   */
+  ensure(opts: EnsureCaddyOptions): Promise<CaddyState> {
+    return this.exclusive(() => this.ensureNow(caddyPaths(opts.stateDir)));
+  }
+
+  // Two ensures racing past "nothing answers" would each start a Caddy.
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  private async ensureNow(p: CaddyPaths): Promise<CaddyState> {
+    const admin = this.adminFor(p);
+    if (await admin.ping()) return { paths: p, admin, pid: await this.ourPid(p), adopted: true };
+
+    const old = await this.ourPid(p);
+    if (old !== undefined) {
+      if (await this.waitAnswer(admin, old)) return { paths: p, admin, pid: old, adopted: true };
+      // Alive, ours, and silent for the whole timeout: hung. It holds the ports and the socket.
+      await this.kill(old, "KILL");
+    }
+
+    await mkdir(p.dir, { recursive: true, mode: 0o700 });
+    await mkdir(p.storage, { recursive: true, mode: 0o700 });
+    if (p.socketDir) await this.runner.run(["mkdir", "-p", "-m", "0700", p.socketDir]);
+    // No Caddy of ours is alive, so a socket file left here is stale (a SIGKILLed Caddy's).
+    await rm(p.adminSocket, { force: true });
+    await writeFile(p.bootstrap, `${JSON.stringify(renderBootstrapConfig(p), null, 2)}\n`, { mode: 0o600 });
+    const pid = await this.spawner.spawnDetached([this.bin, "run", "--config", p.bootstrap], {
+      logFile: p.log,
+      // Caddy's defaults for config and data are under $HOME; keep anything it writes in our dir.
+      env: { HOME: p.dir, XDG_CONFIG_HOME: join(p.dir, "config"), XDG_DATA_HOME: join(p.dir, "data") },
+    });
+    await writeFile(p.pidFile, `${pid}\n`, { mode: 0o600 });
+    if (!(await this.waitAnswer(admin, pid))) {
+      if (!(await this.spawner.isAlive(pid))) {
+        throw new CapsuleError(ErrorCode.CommandFailed, `caddy exited at start`, {
+          hint: `see ${p.log}${await logTail(p.log)}`,
+          details: { pid },
+        });
+      }
+      throw new CapsuleError(
+        ErrorCode.Timeout,
+        `caddy (pid ${pid}) did not answer on ${p.adminSocket} within ${this.timeoutMs} ms`,
+        { hint: `see ${p.log}`, details: { pid } },
+      );
+    }
+    return { paths: p, admin, pid, adopted: false };
+  }
+
+  /** waitAnswer polls until the admin answers (true), `pid` dies or the timeout passes (false). */
+  private async waitAnswer(admin: CaddyAdmin, pid: number): Promise<boolean> {
+    const deadline = this.clock.now() + this.timeoutMs;
+    for (;;) {
+      if (await admin.ping()) return true;
+      if (!(await this.spawner.isAlive(pid)) || this.clock.now() >= deadline) return false;
+      await this.clock.sleep(POLL_MS);
+    }
+  }
+
+  private async waitGone(pid: number): Promise<boolean> {
+    const deadline = this.clock.now() + this.timeoutMs;
+    while (await this.spawner.isAlive(pid)) {
+      if (this.clock.now() >= deadline) return false;
+      await this.clock.sleep(POLL_MS);
+    }
+    return true;
+  }
+
+  private async kill(pid: number, signal: "TERM" | "KILL"): Promise<void> {
+    await this.runner.run(["kill", `-${signal}`, String(pid)], { allowFailure: true });
+    if (await this.waitGone(pid)) return;
+    if (signal === "TERM") return this.kill(pid, "KILL");
+    throw new CapsuleError(ErrorCode.Timeout, `caddy (pid ${pid}) survived SIGKILL`, { details: { pid } });
+  }
+
+  /**
+   * stop ends the state dir's Caddy (SIGTERM, then SIGKILL after the timeout) and removes its
+   * pid file. For teardown and tests: capsuled never stops Caddy on exit. Idempotent: returns
+   * false when no Caddy of ours was running.
+   */
+  stop(opts: EnsureCaddyOptions): Promise<boolean> {
+    return this.exclusive(async () => {
+      const p = caddyPaths(opts.stateDir);
+      const pid = await this.ourPid(p);
+      if (pid !== undefined) await this.kill(pid, "TERM");
+      await rm(p.pidFile, { force: true });
+      await this.admins.get(p.adminSocket)?.close();
+      this.admins.delete(p.adminSocket);
+      return pid !== undefined;
+    });
+  }
+
+  /**
+   * watch checks every `intervalMs` that our Caddy is alive and, when it is not (crashed,
+   * killed), runs {@link ensure} and then `onRestart`. A failed restart is retried after a
+   * backoff that doubles from 1 s up to `maxBackoffMs` and resets after a success. Resolves when
+   * `signal` aborts; never throws. Meant to run for capsuled's lifetime, after a first ensure.
+   */
+  async watch(opts: WatchOptions): Promise<void> {
+    const interval = opts.intervalMs ?? 3_000;
+    const maxBackoff = opts.maxBackoffMs ?? 60_000;
+    const p = caddyPaths(opts.stateDir);
+    let backoff = 0;
+    while (!opts.signal.aborted) {
+      await this.clock.sleep(backoff || interval);
+      if (opts.signal.aborted) return;
+      try {
+        if ((await this.exclusive(() => this.ourPid(p))) !== undefined) {
+          backoff = 0;
+          continue;
+        }
+        const state = await this.ensure({ stateDir: opts.stateDir });
+        await opts.onRestart?.(state);
+        backoff = 0;
+      } catch {
+        backoff = Math.min(backoff ? backoff * 2 : 1_000, maxBackoff);
+      }
+    }
+  }
+}
+
+/** CaddyEdgeOptions: `admin` and `plan` are required. */
+export interface CaddyEdgeOptions {
+  admin: CaddyAdmin;
+  /** plan is every planning input but the routes (fixed for an edge's lifetime). */
+  plan: Omit<PlanOptions, "routes">;
+}
+
+/** ApplyResult says what {@link CaddyEdge.apply} did. */
+export interface ApplyResult {
+  /** changed is true when a new config was loaded, false when Caddy already ran the planned one. */
+  changed: boolean;
+  config: Record<string, unknown>;
+}
+
+/**
+ * CaddyEdge keeps Caddy's config equal to the plan of the desired routes. It compares with what
+ * Caddy runs (`GET /config/`), not with a cache, so a restarted Caddy (back on its bootstrap
+ * config) gets the routes again on the next apply or {@link resync}.
+ */
+export class CaddyEdge {
+  private readonly admin: CaddyAdmin;
+  private readonly base: Omit<PlanOptions, "routes">;
+  private routes: readonly EdgeRoute[] | undefined;
+  private queue: Promise<unknown> = Promise.resolve();
+
+  constructor(opts: CaddyEdgeOptions) {
+    this.admin = opts.admin;
+    this.base = opts.plan;
+  }
+
+  /**
+   * apply makes Caddy serve exactly `routes` (declarative, the whole set; empty = serve
+   * nothing). Idempotent: when Caddy already runs the planned config nothing is loaded.
+   * Validation happens before any call to Caddy (CAPSULE_INVALID_ARGUMENT naming the field);
+   * a config Caddy rejects throws CAPSULE_INVALID_CONFIG and Caddy keeps serving the old one
+   * (and the routes remembered for {@link resync} stay the old ones too). Calls run one at a time.
+   */
+  apply(routes: readonly EdgeRoute[]): Promise<ApplyResult> {
+    const run = this.queue.then(
+      () => this.applyNow(routes),
+      () => this.applyNow(routes),
+    );
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  private async applyNow(routes: readonly EdgeRoute[]): Promise<ApplyResult> {
+    const config = planCaddyConfig({ ...this.base, routes });
+    const running = await this.admin.config();
+    if (canonicalJson(running) === canonicalJson(config)) {
+      this.routes = [...routes];
+      return { changed: false, config };
+    }
+    await this.admin.load(config);
+    this.routes = [...routes];
+    return { changed: true, config };
+  }
+
+  /** resync re-applies the last routes that Caddy accepted (after a Caddy restart). No-op before the first apply. */
+  async resync(): Promise<ApplyResult | undefined> {
+    return this.routes ? this.apply(this.routes) : undefined;
+  }
+}
+
+async function logTail(file: string): Promise<string> {
+  try {
+    const lines = (await readFile(file, "utf8")).trimEnd().split("\n").slice(-5).join("\n");
+    return lines ? `:\n${lines}` : "";
+  } catch {
+    return "";
+  }
+}
