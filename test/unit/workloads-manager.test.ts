@@ -266,3 +266,23 @@ t.test("stop, start, restart, logs, exec, delete", async (t) => {
   t.same(s.ports.sets.at(-1), { addresses: [], forwards: [] });
   t.equal(await s.workloads.delete("web"), false, "idempotent");
 });
+
+t.test("a stopped workload stays stopped across a restart of the agent (a new reconciler)", async (t) => {
+  const s = setup();
+  await s.workloads.apply([web()]);
+  await s.reconciler.idle();
+  await s.workloads.stop("web");
+  s.reconciler.stop();
+  s.containers.calls.length = 0;
+  const again = s.mk();
+  await again.pass();
+  await again.idle();
+  t.equal(s.repo.get("web")!.desired, "stopped", "desired state is in the store");
+  t.equal(s.containers.containers.get("web.1")!.state, "stopped", "not started by the new reconciler");
+  t.notOk(
+    s.containers.calls.some((c) => /^(run|start)/.test(c)),
+    `no run/start: ${s.containers.calls.join(", ")}`,
+  );
+  t.equal(again.status("web").phase, "stopped");
+  again.stop();
+});
