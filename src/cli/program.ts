@@ -19,7 +19,13 @@ import {
   fabricStatus,
   fabricUnenroll,
 } from "./commands/fabric.js";
-import { DEFAULT_PUSH_TIMEOUT_MS, imageList, imagePull, imagePush } from "./commands/image.js";
+import {
+  DEFAULT_PULL_TIMEOUT_MS,
+  DEFAULT_PUSH_TIMEOUT_MS,
+  imageList,
+  imagePull,
+  imagePush,
+} from "./commands/image.js";
 import { operatorAdd, operatorList, operatorRemove, operatorWhoami } from "./commands/operator.js";
 import {
   policyApply,
@@ -246,8 +252,8 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
     .argument("<ref>", "[REGISTRY/]NAME:TAG")
     .option("--plain-http", "the registry speaks plain HTTP (a LAN registry without TLS)")
     .addOption(
-      new Option("--pull-timeout <duration>", "bound on each capsule's pull")
-        .default(DEFAULT_PUSH_TIMEOUT_MS, "10m")
+      new Option("--pull-timeout <duration>", "bound on each capsule's pull (a longer --timeout wins)")
+        .default(DEFAULT_PULL_TIMEOUT_MS, "10m30s")
         .argParser(durationArg("--pull-timeout")),
     )
     .action(

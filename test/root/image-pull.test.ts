@@ -81,6 +81,7 @@ if (!isRoot()) {
       "a workload runs from the pulled image",
     );
 
+    const before = await ctl(lab, ["--capsule", "homeA", "-o", "json", "image", "list"]);
     const missing = await lab.capsulectl([
       "--capsule",
       "homeA",
@@ -94,5 +95,12 @@ if (!isRoot()) {
     const bad = await lab.capsulectl(["--capsule", "homeA", "image", "pull", "Bad Ref"]);
     t.equal(bad.exitCode, 1);
     t.match(bad.stderr, /ref: "Bad Ref" is not an image reference/);
+    for (const r of [missing, bad])
+      t.ok(r.stderr.trim().split("\n").length <= 2, `one line and a hint: ${r.stderr.trim()}`);
+    t.equal(
+      await ctl(lab, ["--capsule", "homeA", "-o", "json", "image", "list"]),
+      before,
+      "failed pulls change nothing",
+    );
   });
 }

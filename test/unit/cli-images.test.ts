@@ -148,5 +148,7 @@ t.test("image pull: one Pull call with the reference and --plain-http, the push 
   const r = await h.cli(["image", "pull", "reg.lan:5000/demo/httpd:1", "--plain-http"]);
   t.equal(r.code, 0, r.err);
   t.match(r.out, /^IMAGE\s+DIGEST\s+SIZE\nreg\.lan:5000\/demo\/httpd:1\s+sha256:0123456789ab\s+5\.00 MiB\n$/);
-  t.equal(h.calls[0]?.opts?.deadlineMs, 600_000, "a pull has the push's longer deadline");
+  t.equal(h.calls[0]?.opts?.deadlineMs, 630_000, "the node's 10 min bound plus a margin");
+  await h.cli(["--timeout", "20m", "image", "pull", "reg.lan:5000/demo/httpd:1", "--plain-http"]);
+  t.equal(h.calls[1]?.opts?.deadlineMs, 1_200_000, "a longer --timeout wins");
 });

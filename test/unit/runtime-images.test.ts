@@ -12,6 +12,7 @@ import {
   isValidRef,
   normalizeRef,
   parseImageList,
+  redactRef,
 } from "../../src/node/runtime/images.js";
 
 const EP: CtrEndpoint = { address: "/s/containerd.sock", namespace: "capsule", snapshotter: "native" };
@@ -315,4 +316,42 @@ t.test("pull: bad references and registry failures are one clear line each, noth
       `${name}: nothing listed as stored`,
     );
   }
+});
+
+t.test("pull: without --plain-http; a digest reference is stored as given", async (t) => {
+  const ref = `reg.lan:5000/demo/httpd@${D1}`;
+  const w = ref.length + 1;
+  const ls =
+    `${"REF".padEnd(w)}${"TYPE".padEnd(44)}${"DIGEST".padEnd(72)}SIZE    PLATFORMS   LABELS\n` +
+    `${ref.padEnd(w)}${"application/vnd.oci.image.manifest.v1+json".padEnd(44)}${D1} 1.9 MiB linux/amd64 -\n`;
+  const { runner, images } = store((c) => (c === `${CTR} images ls` ? { stdout: ls } : undefined));
+  t.equal((await images.pull(ref)).name, ref);
+  t.same(runner.commands, [`${CTR} images pull --snapshotter native ${ref}`, `${CTR} images ls`]);
+});
+
+t.test("pull: a killed pull is one CAPSULE_TIMEOUT line; a bad ref never echoes credentials", async (t) => {
+  const { images } = store((c) =>
+    c.startsWith(`${CTR} images pull`) ? { exitCode: -1, stdout: "fetching...\n" } : undefined,
+  );
+  await t.rejects(images.pull("reg.lan/x:1"), {
+    code: "CAPSULE_TIMEOUT",
+    message: "pull of reg.lan/x:1 from registry reg.lan did not finish within 600 s",
+  });
+  for (const bad of ["user:s3cret@reg.lan/x:1", "https://user:s3cret@reg.lan/x:1"]) {
+    const err = await store(() => undefined)
+      .images.pull(bad)
+      .catch((e: unknown) => e as Error);
+    t.match(
+      err,
+      { code: "CAPSULE_INVALID_ARGUMENT", message: /^ref: "(https:\/\/)?\*\*\*@reg\.lan\/x:1"/ },
+      bad,
+    );
+    t.notMatch(
+      JSON.stringify({ m: (err as Error).message, ...(err as object) }),
+      /s3cret/,
+      `${bad}: redacted`,
+    );
+  }
+  t.equal(redactRef(`reg.lan/x@${D1}`), `reg.lan/x@${D1}`, "a digest is not credentials");
+  t.equal(redactRef(`x@${D1}`), `x@${D1}`);
 });

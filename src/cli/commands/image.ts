@@ -1,7 +1,8 @@
 /**
- * `capsulectl image push ARCHIVE.tar | image pull REF | image list`: push streams an image archive into each
- * selected capsule's image store (Images/Push, client-streaming) in {@link CHUNK_SIZE} chunks,
- * with a progress bar on a terminal; list fans out like every read.
+ * `capsulectl image push ARCHIVE.tar | image pull REF | image list`: push streams an image
+ * archive into each selected capsule's image store (Images/Push, client-streaming) in
+ * {@link CHUNK_SIZE} chunks, with a progress bar on a terminal; pull has each capsule fetch a
+ * reference from a registry (Images/Pull, unary); list fans out like every read.
  */
 import { open, stat } from "node:fs/promises";
 import { basename } from "node:path";
@@ -97,7 +98,7 @@ export async function imagePush(s: Session, archive: string, opts: PushOptions =
     throw invalidArgument("ARCHIVE", `${archive}: is empty`, "give an OCI-layout or docker-save .tar");
   const targets = await s.targets();
   const filename = basename(archive);
-  const timeoutMs = opts.timeoutMs ?? DEFAULT_PUSH_TIMEOUT_MS;
+  const timeoutMs = Math.max(opts.timeoutMs ?? DEFAULT_PULL_TIMEOUT_MS, s.globals.timeoutMs);
   const bars = s.io.stderr.isTTY ? progressBars(s) : undefined;
   try {
     const results = await s.withEach(
@@ -138,7 +139,14 @@ export async function imageList(s: Session): Promise<void> {
   await s.rpcAndShow<ListImagesResponse__Output, Image__Output>("Images/List", () => ({}), IMAGE_VIEW);
 }
 
-/** PullOptions: `plainHttp` allows a registry without TLS; `timeoutMs` bounds each capsule's pull (default {@link DEFAULT_PUSH_TIMEOUT_MS}). */
+/**
+ * DEFAULT_PULL_TIMEOUT_MS bounds one pull per capsule unless --pull-timeout says otherwise: the
+ * node's own 10 min bound on `ctr images pull` plus a margin, so its clear timeout error arrives
+ * before our deadline does.
+ */
+export const DEFAULT_PULL_TIMEOUT_MS = 10 * 60_000 + 30_000;
+
+/** PullOptions: `plainHttp` allows a registry without TLS; `timeoutMs` bounds each capsule's pull (unset = {@link DEFAULT_PULL_TIMEOUT_MS}; a longer `--timeout` wins). */
 export interface PullOptions {
   plainHttp?: boolean;
   timeoutMs?: number;
@@ -152,7 +160,7 @@ export async function imagePull(s: Session, ref: string, opts: PullOptions = {})
   if (!ref)
     throw invalidArgument("REF", "name an image reference", "capsulectl image pull REGISTRY/NAME:TAG");
   const targets = await s.targets();
-  const timeoutMs = opts.timeoutMs ?? DEFAULT_PUSH_TIMEOUT_MS;
+  const timeoutMs = Math.max(opts.timeoutMs ?? DEFAULT_PULL_TIMEOUT_MS, s.globals.timeoutMs);
   const results = await s.withEach(
     targets,
     (client) =>

@@ -259,11 +259,16 @@ export class Images {
    * without TLS (a LAN registry). Idempotent: content is stored by digest. Throws
    * CAPSULE_INVALID_ARGUMENT for a malformed reference, CAPSULE_NOT_FOUND when the registry has
    * no such image, CAPSULE_PERMISSION_DENIED when it wants credentials, CAPSULE_UNREACHABLE when
-   * it cannot be reached; the store is unchanged on failure.
+   * it cannot be reached, CAPSULE_TIMEOUT when the pull outlasts `importTimeoutMs`; no image is
+   * named on failure.
    */
   async pull(ref: string, opts: { plainHttp?: boolean } = {}): Promise<ImageInfo> {
     if (!isValidRef(ref))
-      throw invalidArgument("ref", `"${ref}" is not an image reference`, "use [REGISTRY/]NAME:TAG");
+      throw invalidArgument(
+        "ref",
+        `"${redactRef(ref)}" is not an image reference`,
+        "use [REGISTRY/]NAME:TAG (no scheme, no credentials)",
+      );
     const full = normalizeRef(ref);
     const argv = ctrArgv(
       this.ep,
@@ -275,7 +280,7 @@ export class Images {
       full,
     );
     const r = await this.runner.run(argv, { allowFailure: true, timeoutMs: this.importTimeoutMs });
-    if (r.exitCode !== 0) throw pullError(ref, full, argv, r);
+    if (r.exitCode !== 0) throw pullError(ref, full, argv, r, this.importTimeoutMs);
     const img = await this.get(full);
     if (!img) throw new CapsuleError(ErrorCode.Internal, `pulled ${full} but the store does not list it`);
     return img;
@@ -332,14 +337,33 @@ export function registryOf(full: string): string {
   return full.split("/")[0] ?? full;
 }
 
+/**
+ * redactRef hides credentials someone put in a reference ("https://user:pw@reg/x:1",
+ * "user:pw@reg/x:1" -> "***@reg/x:1") so an error never echoes them. Pure.
+ */
+export function redactRef(ref: string): string {
+  return ref.replace(/^((?:[a-z][a-z0-9+.-]*:\/\/)?)[^/@\s]*@(?=[^/]*\/)/i, "$1***@");
+}
+
 /** pullError maps a failed `ctr images pull` to one line naming the image and its registry, with a hint. */
 function pullError(
   ref: string,
   full: string,
   argv: string[],
   r: { exitCode: number; stdout: string; stderr: string },
+  timeoutMs: number,
 ): CapsuleError {
   const cause = ctrError(argv, r);
+  // The runner reports a process it killed (our timeout) as exit code -1, with no ctr message.
+  if (r.exitCode < 0)
+    return new CapsuleError(
+      ErrorCode.Timeout,
+      `pull of ${ref} from registry ${registryOf(full)} did not finish within ${Math.round(timeoutMs / 1000)} s`,
+      {
+        hint: "check the registry's speed from this capsule; or push an archive: capsulectl image push",
+        cause,
+      },
+    );
   const why = ctrMessage(r.stderr) ?? r.stderr.trim().split("\n").pop() ?? "?";
   // ctrError reads any "connection refused" as containerd's; a registry's names its URL or host.
   if (cause.code === ErrorCode.Unreachable && !/resolve reference|dial tcp|https?:\/\//.test(why))
