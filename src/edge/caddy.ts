@@ -16,10 +16,10 @@
  * and the admin socket when its path fits (see {@link caddyPaths}).
  */
 import { createHash } from "node:crypto";
-import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { CapsuleError, ErrorCode } from "../errors.js";
 import type { Clock } from "../node/host/clock.js";
+import { DaemonSupervisor, type DaemonSpec } from "../node/host/daemon.js";
 import type { CommandRunner } from "../node/host/runner.js";
 import type { ProcessSpawner } from "../node/host/spawner.js";
 import { type CaddyAdmin, UnixCaddyAdmin } from "./admin.js";
@@ -120,29 +120,30 @@ export interface WatchOptions {
   maxBackoffMs?: number;
 }
 
-const POLL_MS = 50;
-
 /**
  * CaddySupervisor supervises an edge's Caddy: {@link ensure} adopts or starts it, {@link watch}
- * restarts it when it dies, {@link stop} ends it. See the module comment for the design.
+ * restarts it when it dies, {@link stop} ends it. See the module comment for the design; the
+ * adopt/start/stop lifecycle is {@link DaemonSupervisor}'s.
  */
 export class CaddySupervisor {
   private readonly runner: CommandRunner;
-  private readonly spawner: ProcessSpawner;
   private readonly clock: Clock;
+  private readonly daemon: DaemonSupervisor;
   private readonly bin: string;
   private readonly makeAdmin: (socketPath: string) => CaddyAdmin;
-  private readonly timeoutMs: number;
   private readonly admins = new Map<string, CaddyAdmin>();
-  private queue: Promise<unknown> = Promise.resolve();
 
   constructor(opts: CaddySupervisorOptions) {
     this.runner = opts.runner;
-    this.spawner = opts.spawner;
     this.clock = opts.clock;
+    this.daemon = new DaemonSupervisor({
+      runner: opts.runner,
+      spawner: opts.spawner,
+      clock: opts.clock,
+      timeoutMs: opts.timeoutMs ?? 15_000,
+    });
     this.bin = opts.caddy ?? "caddy";
     this.makeAdmin = opts.admin ?? ((socketPath) => new UnixCaddyAdmin({ socketPath }));
-    this.timeoutMs = opts.timeoutMs ?? 15_000;
   }
 
   private adminFor(p: CaddyPaths): CaddyAdmin {
@@ -154,98 +155,47 @@ export class CaddySupervisor {
     return a;
   }
 
-  /** ourPid returns the pid in the pid file when that process is alive and is a Caddy running our bootstrap config. */
-  private async ourPid(p: CaddyPaths): Promise<number | undefined> {
-    const pid = Number.parseInt(await readFile(p.pidFile, "utf8").catch(() => ""), 10);
-    if (!Number.isInteger(pid) || pid <= 0 || !(await this.spawner.isAlive(pid))) return undefined;
-    // The pid may have been reused since: only a process running our bootstrap config counts.
-    const r = await this.runner.run(["cat", `/proc/${pid}/cmdline`], { allowFailure: true });
-    return r.exitCode === 0 && r.stdout.split("\0").includes(p.bootstrap) ? pid : undefined;
+  /** spec is the state dir's Caddy for the {@link DaemonSupervisor}: ours when it runs our bootstrap config. */
+  private spec(p: CaddyPaths): DaemonSpec {
+    return {
+      name: "caddy",
+      address: p.adminSocket,
+      pidFile: p.pidFile,
+      logFile: p.log,
+      argv: [this.bin, "run", "--config", p.bootstrap],
+      // Caddy's defaults for config and data are under $HOME; keep anything it writes in our dir.
+      env: { HOME: p.dir, XDG_CONFIG_HOME: join(p.dir, "config"), XDG_DATA_HOME: join(p.dir, "data") },
+      answers: () => this.adminFor(p).ping(),
+      matches: (cmdline) => cmdline.includes(p.bootstrap),
+      prepare: async () => {
+        await mkdir(p.dir, { recursive: true, mode: 0o700 });
+        await mkdir(p.storage, { recursive: true, mode: 0o700 });
+        if (p.socketDir) await this.runner.run(["mkdir", "-p", "-m", "0700", p.socketDir]);
+        // No Caddy of ours is alive, so a socket file left here is stale (a SIGKILLed Caddy's).
+        await rm(p.adminSocket, { force: true });
+        await writeFile(p.bootstrap, `${JSON.stringify(renderBootstrapConfig(p), null, 2)}\n`, {
+          mode: 0o600,
+        });
+      },
+    };
   }
 
   /**
    * ensure makes a Caddy answer on the state dir's admin socket and returns how to reach it.
    * Idempotent: a Caddy that answers is adopted untouched (its routes stay as they are); one of
    * ours that is starting is waited for; one that stays silent past the timeout is killed and
-   * replaced; with none, one is started detached (`caddy run --config bootstrap.json`, own
-   * session, output to caddy.log) and waited for. Throws CAPSULE_COMMAND_FAILED when the new
-   * Caddy exits at start (the hint has its log's tail), CAPSULE_TIMEOUT when it does not answer
-   * in time. Calls on one supervisor run one at a time.
+   * replaced (it holds the ports and the socket); with none, one is started detached
+   * (`caddy run --config bootstrap.json`, own session, output to caddy.log) and waited for.
+   * Throws CAPSULE_COMMAND_FAILED when the new Caddy exits at start (the hint has its log's
+   * tail), CAPSULE_TIMEOUT when it does not answer in time. Calls on one supervisor run one at
+   * a time.
    */
   ensure(opts: EnsureCaddyOptions): Promise<CaddyState> {
-    return this.exclusive(() => this.ensureNow(caddyPaths(opts.stateDir)));
-  }
-
-  // Two ensures racing past "nothing answers" would each start a Caddy.
-  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.queue.then(fn, fn);
-    this.queue = run.catch(() => undefined);
-    return run;
-  }
-
-  private async ensureNow(p: CaddyPaths): Promise<CaddyState> {
-    const admin = this.adminFor(p);
-    if (await admin.ping()) return { paths: p, admin, pid: await this.ourPid(p), adopted: true };
-
-    const old = await this.ourPid(p);
-    if (old !== undefined) {
-      if (await this.waitAnswer(admin, old)) return { paths: p, admin, pid: old, adopted: true };
-      // Alive, ours, and silent for the whole timeout: hung. It holds the ports and the socket.
-      await this.kill(old, "KILL");
-    }
-
-    await mkdir(p.dir, { recursive: true, mode: 0o700 });
-    await mkdir(p.storage, { recursive: true, mode: 0o700 });
-    if (p.socketDir) await this.runner.run(["mkdir", "-p", "-m", "0700", p.socketDir]);
-    // No Caddy of ours is alive, so a socket file left here is stale (a SIGKILLed Caddy's).
-    await rm(p.adminSocket, { force: true });
-    await writeFile(p.bootstrap, `${JSON.stringify(renderBootstrapConfig(p), null, 2)}\n`, { mode: 0o600 });
-    const pid = await this.spawner.spawnDetached([this.bin, "run", "--config", p.bootstrap], {
-      logFile: p.log,
-      // Caddy's defaults for config and data are under $HOME; keep anything it writes in our dir.
-      env: { HOME: p.dir, XDG_CONFIG_HOME: join(p.dir, "config"), XDG_DATA_HOME: join(p.dir, "data") },
+    const p = caddyPaths(opts.stateDir);
+    return this.daemon.exclusive(async () => {
+      const { pid, adopted } = await this.daemon.ensure(this.spec(p));
+      return { paths: p, admin: this.adminFor(p), pid, adopted };
     });
-    await writeFile(p.pidFile, `${pid}\n`, { mode: 0o600 });
-    if (!(await this.waitAnswer(admin, pid))) {
-      if (!(await this.spawner.isAlive(pid))) {
-        throw new CapsuleError(ErrorCode.CommandFailed, `caddy exited at start`, {
-          hint: `see ${p.log}${await logTail(p.log)}`,
-          details: { pid },
-        });
-      }
-      throw new CapsuleError(
-        ErrorCode.Timeout,
-        `caddy (pid ${pid}) did not answer on ${p.adminSocket} within ${this.timeoutMs} ms`,
-        { hint: `see ${p.log}`, details: { pid } },
-      );
-    }
-    return { paths: p, admin, pid, adopted: false };
-  }
-
-  /** waitAnswer polls until the admin answers (true), `pid` dies or the timeout passes (false). */
-  private async waitAnswer(admin: CaddyAdmin, pid: number): Promise<boolean> {
-    const deadline = this.clock.now() + this.timeoutMs;
-    for (;;) {
-      if (await admin.ping()) return true;
-      if (!(await this.spawner.isAlive(pid)) || this.clock.now() >= deadline) return false;
-      await this.clock.sleep(POLL_MS);
-    }
-  }
-
-  private async waitGone(pid: number): Promise<boolean> {
-    const deadline = this.clock.now() + this.timeoutMs;
-    while (await this.spawner.isAlive(pid)) {
-      if (this.clock.now() >= deadline) return false;
-      await this.clock.sleep(POLL_MS);
-    }
-    return true;
-  }
-
-  private async kill(pid: number, signal: "TERM" | "KILL"): Promise<void> {
-    await this.runner.run(["kill", `-${signal}`, String(pid)], { allowFailure: true });
-    if (await this.waitGone(pid)) return;
-    if (signal === "TERM") return this.kill(pid, "KILL");
-    throw new CapsuleError(ErrorCode.Timeout, `caddy (pid ${pid}) survived SIGKILL`, { details: { pid } });
   }
 
   /**
@@ -254,14 +204,12 @@ export class CaddySupervisor {
    * false when no Caddy of ours was running.
    */
   stop(opts: EnsureCaddyOptions): Promise<boolean> {
-    return this.exclusive(async () => {
-      const p = caddyPaths(opts.stateDir);
-      const pid = await this.ourPid(p);
-      if (pid !== undefined) await this.kill(pid, "TERM");
-      await rm(p.pidFile, { force: true });
+    const p = caddyPaths(opts.stateDir);
+    return this.daemon.exclusive(async () => {
+      const stopped = await this.daemon.stop(this.spec(p));
       await this.admins.get(p.adminSocket)?.close();
       this.admins.delete(p.adminSocket);
-      return pid !== undefined;
+      return stopped;
     });
   }
 
@@ -274,13 +222,13 @@ export class CaddySupervisor {
   async watch(opts: WatchOptions): Promise<void> {
     const interval = opts.intervalMs ?? 3_000;
     const maxBackoff = opts.maxBackoffMs ?? 60_000;
-    const p = caddyPaths(opts.stateDir);
+    const spec = this.spec(caddyPaths(opts.stateDir));
     let backoff = 0;
     while (!opts.signal.aborted) {
       await this.clock.sleep(backoff || interval);
       if (opts.signal.aborted) return;
       try {
-        if ((await this.exclusive(() => this.ourPid(p))) !== undefined) {
+        if ((await this.daemon.exclusive(() => this.daemon.ourPid(spec))) !== undefined) {
           backoff = 0;
           continue;
         }
@@ -355,14 +303,5 @@ export class CaddyEdge {
   /** resync re-applies the last routes that Caddy accepted (after a Caddy restart). No-op before the first apply. */
   async resync(): Promise<ApplyResult | undefined> {
     return this.routes ? this.apply(this.routes) : undefined;
-  }
-}
-
-async function logTail(file: string): Promise<string> {
-  try {
-    const lines = (await readFile(file, "utf8")).trimEnd().split("\n").slice(-5).join("\n");
-    return lines ? `:\n${lines}` : "";
-  } catch {
-    return "";
   }
 }

@@ -16,6 +16,7 @@ import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { CapsuleError, CommandError, ErrorCode } from "../errors.js";
 import type { Clock } from "../node/host/clock.js";
+import { logTail } from "../node/host/daemon.js";
 import type { CommandRunner, RunResult } from "../node/host/runner.js";
 import type { ProcessSpawner } from "../node/host/spawner.js";
 import { isWgKey, wgPublicKey } from "./keys.js";
@@ -161,15 +162,6 @@ class UserspaceBackend implements Backend {
 
   async cleanup(): Promise<void> {
     await this.c.runner.run(["rm", "-f", this.c.socketPath]);
-  }
-}
-
-async function logTail(file: string): Promise<string> {
-  try {
-    const lines = (await readFile(file, "utf8")).trimEnd().split("\n").slice(-5).join("\n");
-    return lines ? `:\n${lines}` : "";
-  } catch {
-    return "";
   }
 }
 

@@ -20,10 +20,10 @@
  * the state dir (config, pid file) are the exception: both views share it.
  */
 import { createHash } from "node:crypto";
-import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { CapsuleError, ErrorCode } from "../../errors.js";
 import type { Clock } from "../host/clock.js";
+import { DaemonSupervisor, type DaemonSpec } from "../host/daemon.js";
 import type { CommandRunner } from "../host/runner.js";
 import type { ProcessSpawner } from "../host/spawner.js";
 import { type CtrEndpoint, parseTable, type Snapshotter } from "./ctr.js";
@@ -157,31 +157,29 @@ export interface ContainerdState {
   adopted: boolean;
 }
 
-const POLL_MS = 50;
-
 /**
  * Containerd supervises capsuled's containerd: {@link ensure} adopts or starts it,
  * {@link healthy} probes it, {@link stop} ends it. See the module comment for the
- * restart-safety design.
+ * restart-safety design; the adopt/start/stop lifecycle is {@link DaemonSupervisor}'s.
  */
 export class Containerd {
   private readonly runner: CommandRunner;
-  private readonly spawner: ProcessSpawner;
-  private readonly clock: Clock;
+  private readonly daemon: DaemonSupervisor;
   private readonly bin: string;
   private readonly namespace: string;
   private readonly choice: SnapshotterChoice;
-  private readonly timeoutMs: number;
-  private queue: Promise<unknown> = Promise.resolve();
 
   constructor(opts: ContainerdOptions) {
     this.runner = opts.runner;
-    this.spawner = opts.spawner;
-    this.clock = opts.clock;
+    this.daemon = new DaemonSupervisor({
+      runner: opts.runner,
+      spawner: opts.spawner,
+      clock: opts.clock,
+      timeoutMs: opts.timeoutMs ?? 15_000,
+    });
     this.bin = opts.containerd ?? "containerd";
     this.namespace = opts.namespace ?? DEFAULT_NAMESPACE;
     this.choice = opts.snapshotter ?? "auto";
-    this.timeoutMs = opts.timeoutMs ?? 15_000;
   }
 
   /**
@@ -202,22 +200,23 @@ export class Containerd {
     return r.exitCode === 0;
   }
 
-  /** ourPid returns the pid in the pid file when that process is alive and is a containerd running our config. */
-  private async ourPid(p: ContainerdPaths): Promise<number | undefined> {
-    const pid = Number.parseInt(await readFile(p.pidFile, "utf8").catch(() => ""), 10);
-    if (!Number.isInteger(pid) || pid <= 0 || !(await this.spawner.isAlive(pid))) return undefined;
-    // The pid may have been reused since: only a process running our config counts.
-    const r = await this.runner.run(["cat", `/proc/${pid}/cmdline`], { allowFailure: true });
-    return r.exitCode === 0 && r.stdout.split("\0").includes(p.config) ? pid : undefined;
-  }
-
-  private async waitGone(pid: number): Promise<boolean> {
-    const deadline = this.clock.now() + this.timeoutMs;
-    while (await this.spawner.isAlive(pid)) {
-      if (this.clock.now() >= deadline) return false;
-      await this.clock.sleep(POLL_MS);
-    }
-    return true;
+  /** spec is the state dir's containerd for the {@link DaemonSupervisor}: ours when it runs our config. */
+  private spec(p: ContainerdPaths): DaemonSpec {
+    return {
+      name: "containerd",
+      address: p.address,
+      pidFile: p.pidFile,
+      logFile: p.log,
+      argv: [this.bin, "--config", p.config],
+      answers: () => this.answers(p.address),
+      matches: (cmdline) => cmdline.includes(p.config),
+      prepare: async () => {
+        await mkdir(p.dir, { recursive: true, mode: 0o700 });
+        await mkdir(p.fifoDir, { recursive: true, mode: 0o700 });
+        if (p.socketDir) await this.runner.run(["mkdir", "-p", "-m", "0700", p.socketDir]);
+        await writeFile(p.config, renderContainerdConfig(p), { mode: 0o600 });
+      },
+    };
   }
 
   private async snapshotter(address: string): Promise<Snapshotter> {
@@ -229,90 +228,32 @@ export class Containerd {
     return ok ? "overlayfs" : "native";
   }
 
-  private async state(
-    p: ContainerdPaths,
-    pid: number | undefined,
-    adopted: boolean,
-  ): Promise<ContainerdState> {
-    return {
-      endpoint: {
-        address: p.address,
-        namespace: this.namespace,
-        snapshotter: await this.snapshotter(p.address),
-      },
-      paths: p,
-      pid,
-      adopted,
-    };
-  }
-
   /**
    * ensure makes a containerd answer for `stateDir` and returns how to reach it. Idempotent and
    * gentle: a containerd that answers is adopted untouched (its config is whatever it started
    * with: a changed config applies at its next start); one that is starting (ours, alive, not
    * yet answering) is waited for; one that stays silent past the timeout is killed and
-   * replaced; with none, one is started detached (own session, output to containerd.log) and
+   * replaced (it holds the metadata database's lock, so a second containerd could not start
+   * beside it); with none, one is started detached (own session, output to containerd.log) and
    * waited for. Throws CAPSULE_COMMAND_FAILED when the new containerd exits at start (the hint
    * has its log's tail), CAPSULE_TIMEOUT when it does not answer in time. Calls on one
    * supervisor run one at a time.
    */
   ensure(opts: EnsureContainerdOptions): Promise<ContainerdState> {
-    return this.exclusive(() => this.ensureNow(containerdPaths(opts.stateDir)));
-  }
-
-  // Two ensures racing past "nothing answers" would each start a containerd.
-  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    const run = this.queue.then(fn, fn);
-    this.queue = run.catch(() => undefined);
-    return run;
-  }
-
-  private async ensureNow(p: ContainerdPaths): Promise<ContainerdState> {
-    if (await this.answers(p.address)) return this.state(p, await this.ourPid(p), true);
-
-    const old = await this.ourPid(p);
-    if (old !== undefined) {
-      if (await this.waitAnswer(p, old)) return this.state(p, old, true);
-      // Alive, ours, and silent for the whole timeout: hung. It holds the metadata database's
-      // lock, so a second containerd could not start beside it.
-      await this.runner.run(["kill", "-KILL", String(old)], { allowFailure: true });
-      if (!(await this.waitGone(old))) {
-        throw new CapsuleError(ErrorCode.Timeout, `containerd (pid ${old}) survived SIGKILL`, {
-          details: { pid: old },
-        });
-      }
-    }
-
-    await mkdir(p.dir, { recursive: true, mode: 0o700 });
-    await mkdir(p.fifoDir, { recursive: true, mode: 0o700 });
-    if (p.socketDir) await this.runner.run(["mkdir", "-p", "-m", "0700", p.socketDir]);
-    await writeFile(p.config, renderContainerdConfig(p), { mode: 0o600 });
-    const pid = await this.spawner.spawnDetached([this.bin, "--config", p.config], { logFile: p.log });
-    await writeFile(p.pidFile, `${pid}\n`, { mode: 0o600 });
-    if (!(await this.waitAnswer(p, pid))) {
-      if (!(await this.spawner.isAlive(pid))) {
-        throw new CapsuleError(ErrorCode.CommandFailed, `containerd exited at start`, {
-          hint: `see ${p.log}${await logTail(p.log)}`,
-          details: { pid },
-        });
-      }
-      throw new CapsuleError(
-        ErrorCode.Timeout,
-        `containerd (pid ${pid}) did not answer on ${p.address} within ${this.timeoutMs} ms`,
-        { hint: `see ${p.log}`, details: { pid } },
-      );
-    }
-    return this.state(p, pid, false);
-  }
-
-  /** waitAnswer polls until containerd answers (true), `pid` dies or the timeout passes (false). */
-  private async waitAnswer(p: ContainerdPaths, pid: number): Promise<boolean> {
-    const deadline = this.clock.now() + this.timeoutMs;
-    for (;;) {
-      if (await this.answers(p.address)) return true;
-      if (!(await this.spawner.isAlive(pid)) || this.clock.now() >= deadline) return false;
-      await this.clock.sleep(POLL_MS);
-    }
+    const p = containerdPaths(opts.stateDir);
+    return this.daemon.exclusive(async () => {
+      const { pid, adopted } = await this.daemon.ensure(this.spec(p));
+      return {
+        endpoint: {
+          address: p.address,
+          namespace: this.namespace,
+          snapshotter: await this.snapshotter(p.address),
+        },
+        paths: p,
+        pid,
+        adopted,
+      };
+    });
   }
 
   /**
@@ -322,30 +263,7 @@ export class Containerd {
    * containerd on exit. Idempotent: returns false when no containerd of ours was running.
    */
   stop(opts: EnsureContainerdOptions): Promise<boolean> {
-    return this.exclusive(() => this.stopNow(containerdPaths(opts.stateDir)));
-  }
-
-  private async stopNow(p: ContainerdPaths): Promise<boolean> {
-    const pid = await this.ourPid(p);
-    if (pid !== undefined) {
-      await this.runner.run(["kill", "-TERM", String(pid)], { allowFailure: true });
-      if (!(await this.waitGone(pid))) {
-        await this.runner.run(["kill", "-KILL", String(pid)], { allowFailure: true });
-        if (!(await this.waitGone(pid))) {
-          throw new CapsuleError(ErrorCode.Timeout, `containerd (pid ${pid}) survived SIGKILL`);
-        }
-      }
-    }
-    await rm(p.pidFile, { force: true });
-    return pid !== undefined;
-  }
-}
-
-async function logTail(file: string): Promise<string> {
-  try {
-    const lines = (await readFile(file, "utf8")).trimEnd().split("\n").slice(-5).join("\n");
-    return lines ? `:\n${lines}` : "";
-  } catch {
-    return "";
+    const spec = this.spec(containerdPaths(opts.stateDir));
+    return this.daemon.exclusive(() => this.daemon.stop(spec));
   }
 }
