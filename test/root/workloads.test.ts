@@ -193,7 +193,13 @@ if (!isRoot()) {
     if (!(oldPid > 1)) throw new Error(`no pid for web: ${JSON.stringify(a.w)}`);
     process.kill(oldPid, "SIGKILL");
     const t0 = Date.now();
-    const re = await waitRunning("homeA", "web", (w) => w.pid !== oldPid);
+    // The new pid shows (containerd lists the task) a moment before the restart is counted and
+    // its event written: wait for all three.
+    const re = await waitRunning(
+      "homeA",
+      "web",
+      (w) => w.pid !== oldPid && w.restarts >= 1 && w.events.some((e) => e.type === "restarted"),
+    );
     t.ok(re.ms >= 0, `restarted ${Date.now() - t0} ms after the kill`);
     t.equal(re.w.address, addr, "same address after the restart");
     t.ok(re.w.restarts >= 1, "restart counted");
