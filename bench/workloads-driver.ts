@@ -14,8 +14,7 @@
 //   wait-running T0 N PIDS_JSON     Poll List (through restarts) until N run with exactly these
 //                                   pids (name -> pid): {ms since T0, firstAnswerMs}
 //   list                            {workloads: [{name, phase, pid}]}
-import { RpcClient } from "../src/api/client.js";
-import { loadConfig, loadOperatorKey } from "../src/cli/config.js";
+import { operatorDialer } from "../test/helpers/operator-client.js";
 
 interface W {
   name: string;
@@ -38,24 +37,7 @@ if (!dir || !context || !mode) {
   process.stderr.write("usage: workloads-driver CONFIG_DIR CONTEXT MODE ARGS...\n");
   process.exit(2);
 }
-const cfg = await loadConfig(dir);
-const ctx = cfg.contexts.find((c) => c.name === context);
-if (!ctx) {
-  process.stderr.write(`no context ${context}\n`);
-  process.exit(2);
-}
-const signer = await loadOperatorKey(dir);
-const connect = () =>
-  new RpcClient(
-    {
-      address: ctx.address,
-      certPem: ctx.certPem,
-      fingerprint: ctx.fingerprint,
-      capsuleId: ctx.capsuleId,
-      label: ctx.name,
-    },
-    signer,
-  );
+const connect = await operatorDialer(dir, context);
 let client = connect();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const list = async () => (await client.call<{ workloads: W[] }>("Workloads/List", {})).workloads;

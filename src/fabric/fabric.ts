@@ -459,6 +459,8 @@ export class Fabric {
         "use lowercase letters, digits, dots and dashes",
       );
     }
+    // changed: a new reservation or new labels; an unchanged one tells nobody.
+    let changed = false;
     const entry = this.o.repo.store.tx(() => {
       const have = this.o.repo.addresses();
       const found = have.find((e) => e.name === name);
@@ -469,6 +471,7 @@ export class Fabric {
         if (JSON.stringify(found.labels) !== JSON.stringify(labels)) {
           this.o.repo.updateLabels(name, labels);
           this.o.repo.bumpGeneration();
+          changed = true;
         }
         return { ...found, labels };
       }
@@ -486,11 +489,14 @@ export class Fabric {
       const e = { name, address: address ?? allocateAddress(this.ensurePool(), used), labels };
       this.o.repo.putAddress(e, new Date(this.o.clock.now()).toISOString());
       this.o.repo.bumpGeneration();
+      changed = true;
+      this.o.log.info({ name, address: e.address }, "address reserved");
       return e;
     });
-    this.o.log.info({ name, address: entry.address }, "address reserved");
-    this.o.onChange?.();
-    void this.pushAll();
+    if (changed) {
+      this.o.onChange?.();
+      void this.pushAll();
+    }
     return entry;
   }
 

@@ -2,30 +2,14 @@
 // reach API methods that have no CLI command (e.g. Fabric/ReserveAddress standing in for a
 // workload) from inside the lab's operator namespace.
 // Usage: node dist/test/helpers/rpc-call.js CONFIG_DIR CONTEXT SERVICE/METHOD JSON
-import { RpcClient } from "../../src/api/client.js";
-import { loadConfig, loadOperatorKey } from "../../src/cli/config.js";
+import { operatorDialer } from "./operator-client.js";
 
 const [dir, context, method, body] = process.argv.slice(2);
 if (!dir || !context || !method) {
   process.stderr.write("usage: rpc-call CONFIG_DIR CONTEXT SERVICE/METHOD [JSON]\n");
   process.exit(2);
 }
-const cfg = await loadConfig(dir);
-const ctx = cfg.contexts.find((c) => c.name === context);
-if (!ctx) {
-  process.stderr.write(`no context ${context}\n`);
-  process.exit(2);
-}
-const client = new RpcClient(
-  {
-    address: ctx.address,
-    certPem: ctx.certPem,
-    fingerprint: ctx.fingerprint,
-    capsuleId: ctx.capsuleId,
-    label: ctx.name,
-  },
-  await loadOperatorKey(dir),
-);
+const client = (await operatorDialer(dir, context))();
 try {
   const res = await client.call(method, JSON.parse(body ?? "{}"));
   process.stdout.write(`${JSON.stringify(res)}\n`);

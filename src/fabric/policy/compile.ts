@@ -35,7 +35,14 @@ import {
   MeshIndex,
   warnings,
 } from "./evaluate.js";
-import type { ImplicitRule, Mesh, Policy, PortRange, Warning } from "./model.js";
+import {
+  type ImplicitRule,
+  type Mesh,
+  type Policy,
+  type PortRange,
+  type Warning,
+  WORKLOAD_NAME,
+} from "./model.js";
 
 /** POLICY_TABLE is the nftables table this module describes (family inet). Nothing else may write to it. */
 export const POLICY_TABLE = "capsule_policy";
@@ -118,7 +125,6 @@ export interface CompiledPolicy {
 }
 
 const IFACE = /^[A-Za-z0-9_.-]{1,15}$/;
-const NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 
 /**
  * counterName is the name of a local workload's drop counter: `wl_` and the name with dashes
@@ -127,7 +133,8 @@ const NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
  * anything that is not a workload name.
  */
 export function counterName(workload: string): string {
-  if (!NAME.test(workload)) throw invalidArgument("workload", `"${workload}" is not a workload name`);
+  if (!WORKLOAD_NAME.test(workload))
+    throw invalidArgument("workload", `"${workload}" is not a workload name`);
   return `wl_${workload.replace(/-/g, "_")}`;
 }
 

@@ -1,6 +1,6 @@
 /**
  * The policy model shared by the pure compiler/evaluator (src/fabric/policy/) and the node
- * side that stores, applies and explains policies (src/node/policy/). Types only.
+ * side that stores, applies and explains policies (src/node/policy/). Types, and the workload name rule.
  *
  * Semantics (the contract: "with no Policy, nothing reaches a workload's fabric IP except from
  * its own capsule's agent"; policies are unions of allow rules, there are no deny rules):
@@ -17,6 +17,9 @@
  *   is local there): always allowed, never judged.
  * - hostPort forwards (DNAT by capsule_nat) are an explicit publish in the manifest: allowed.
  */
+
+/** WORKLOAD_NAME is what a workload may be called: lowercase letters, digits, inner dashes, at most 63. */
+export const WORKLOAD_NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 
 /** Proto is a transport a rule may allow. */
 export type Proto = "tcp" | "udp" | "icmp";

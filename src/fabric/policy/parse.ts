@@ -9,9 +9,15 @@
  */
 import { type PolicyManifest, parsePolicyPort, SELECTOR_KEYS, validateManifest } from "../../api/manifest.js";
 import { invalidArgument } from "../../errors.js";
-import type { Policy, PolicyTest, PortRange, Rule, Selector } from "./model.js";
+import {
+  type Policy,
+  type PolicyTest,
+  type PortRange,
+  type Rule,
+  type Selector,
+  WORKLOAD_NAME,
+} from "./model.js";
 
-const NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 const LABEL_KEY = /^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$/;
 
 const isMapping = (v: unknown): v is Record<string, unknown> =>
@@ -22,7 +28,7 @@ const CAPSULE_NAME = /^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$/;
 
 function name(value: unknown, field: string, what: "workload" | "capsule" | "policy"): string {
   const capsule = what === "capsule";
-  if (typeof value !== "string" || !(capsule ? CAPSULE_NAME : NAME).test(value))
+  if (typeof value !== "string" || !(capsule ? CAPSULE_NAME : WORKLOAD_NAME).test(value))
     throw invalidArgument(
       field,
       `${JSON.stringify(value)} is not a ${what} name`,

@@ -49,11 +49,6 @@ function settle<Res>(
 }
 
 /**
- * unary wraps a handler with authentication (unless `public`), metrics and error mapping.
- * Peer capsules may call only methods marked `peer`; operators may call every method.
- * Every method of every service goes through it, so no path skips the token check.
- */
-/**
  * authorize checks the call's token for `path` (unless `public`) and returns the caller; peer
  * capsules pass only methods marked `peer`. Shared by {@link unary} and the streaming wrappers.
  */
@@ -81,6 +76,11 @@ export function rpcMeter(deps: RpcDeps, path: string): (code: string) => void {
   };
 }
 
+/**
+ * unary wraps a handler with authentication (unless `public`), metrics and error mapping.
+ * Peer capsules may call only methods marked `peer`; operators may call every method.
+ * Every method of every service goes through it, so no path skips the token check.
+ */
 export function unary<Req, Res>(
   deps: RpcDeps,
   path: string,

@@ -1,4 +1,4 @@
-import type { Mesh } from "../../fabric/policy/model.js";
+import { type Mesh, WORKLOAD_NAME } from "../../fabric/policy/model.js";
 
 /** MeshInventory is the part of a fabric inventory the policy mesh is built from. */
 export interface MeshInventory {
@@ -8,9 +8,6 @@ export interface MeshInventory {
   /** edge: unset = not an edge. */
   edge?: boolean;
 }
-
-/** WORKLOAD_NAME is what a workload may be called (reservations under other names are not workloads). */
-const WORKLOAD_NAME = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 
 /**
  * meshOf builds the policy {@link Mesh} from this capsule's inventory and its peers' as last
