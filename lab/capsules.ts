@@ -52,9 +52,35 @@ export function netnsPath(ns: string): string {
   return `/run/netns/${ns}`;
 }
 
-/** enterArgv is the prefix that runs a command inside a capsule's network and mount namespaces. */
-export function enterArgv(c: CapsulePlan): string[] {
-  return ["nsenter", `--net=${netnsPath(c.ns)}`, `--mount=${c.mntns}`, "--"];
+/**
+ * LabProcess is one detached process the lab runs and finds again by its pid file: a capsule's
+ * daemon, or a service of the lab CA namespace (dnsmasq, Caddy).
+ */
+export interface LabProcess {
+  name: string;
+  /** ns is the network namespace it runs in. */
+  ns: string;
+  /**
+   * mntns, when set, is the pinned mount namespace it runs in (capsules); unset, it runs under
+   * `ip netns exec`, which gives it /etc/netns/<ns>/resolv.conf as /etc/resolv.conf.
+   */
+  mntns?: string;
+  argv: string[];
+  /** env is set in the process's environment (optional). */
+  env?: Record<string, string>;
+  pidFile: string;
+  logFile: string;
+}
+
+/**
+ * enterArgv is the prefix that runs a command inside a lab process's namespaces: a capsule's
+ * network and mount namespaces (nsenter), or `ip netns exec` for a namespace without a pinned
+ * mount namespace.
+ */
+export function enterArgv(p: { ns: string; mntns?: string }): string[] {
+  return p.mntns === undefined
+    ? ["ip", "netns", "exec", p.ns]
+    : ["nsenter", `--net=${netnsPath(p.ns)}`, `--mount=${p.mntns}`, "--"];
 }
 
 /** mountDirCommands pins `<labDir>/mnt` as a private bind mount (pure; run only when it is not mounted). */
@@ -69,8 +95,11 @@ export function mountDirCommands(plan: LabPlan): LabCommand[] {
 // (so /sys/class/net shows this capsule's links) hides the host's cgroup mounts, which runc
 // needs; they are noted first and mounted again: mounting a hierarchy with the same
 // options attaches the host's existing one, so the capsule sees the real cgroup tree.
+// $2, when not empty, is the lab's resolv.conf for this namespace (/etc/netns/<ns>/resolv.conf,
+// what `ip netns exec` would bind): bound first, while /etc/resolv.conf still resolves on the host's /run.
 const MNTNS_SCRIPT = [
   "umount -l /run/netns 2>/dev/null",
+  'if [ -n "$2" ]; then mount --bind "$2" /etc/resolv.conf || exit 1; fi',
   'mount --bind "$1" /run || exit 1',
   'cg=$(awk \'$3=="cgroup"||$3=="cgroup2"{print $3, $2, $4}\' /proc/self/mounts)',
   'tmp=$(awk \'$2=="/sys/fs/cgroup"&&$3=="tmpfs"{print 1}\' /proc/self/mounts)',
@@ -97,19 +126,25 @@ export function mountNsCommands(c: CapsulePlan): LabCommand[] {
         MNTNS_SCRIPT,
         "capsule-lab",
         c.runDir,
+        c.resolvFile ?? "",
       ],
     },
   ];
+}
+
+/** resolvBindCommand binds the lab's resolv.conf over /etc/resolv.conf in a capsule's existing mount namespace (pure). */
+export function resolvBindCommand(c: CapsulePlan & { resolvFile: string }): LabCommand {
+  return { argv: ["nsenter", `--mount=${c.mntns}`, "mount", "--bind", c.resolvFile, "/etc/resolv.conf"] };
 }
 
 // Detached start: new session (so its process group is its pid), output to the log, pid to the pid file.
 const START_SCRIPT = 'exec >>"$2" 2>&1 </dev/null; echo $$ >"$1"; shift 2; exec "$@"';
 
 /**
- * startCommand starts a capsule's process detached inside its namespaces (pure). NODE_OPTIONS is
+ * startCommand starts a lab process detached inside its namespaces (pure). NODE_OPTIONS is
  * dropped so a test runner's loaders never leak into capsuled.
  */
-export function startCommand(c: CapsulePlan): LabCommand {
+export function startCommand(c: LabProcess): LabCommand {
   return {
     argv: [
       ...enterArgv(c),
@@ -124,6 +159,7 @@ export function startCommand(c: CapsulePlan): LabCommand {
       "env",
       "-u",
       "NODE_OPTIONS",
+      ...Object.entries(c.env ?? {}).map(([k, v]) => `${k}=${v}`),
       ...c.argv,
     ],
   };
@@ -152,16 +188,16 @@ export async function pidInNs(runner: CommandRunner, pid: number, ns: string): P
   return r.exitCode === 0 && r.stdout.split(/\s+/).includes(ns);
 }
 
-/** capsulePid reads the capsule's pid file and returns the pid if that process is alive in the capsule's namespace. */
-export async function capsulePid(runner: CommandRunner, c: CapsulePlan): Promise<number | undefined> {
+/** processPid reads a lab process's pid file and returns the pid if that process is alive in its namespace. */
+export async function processPid(runner: CommandRunner, c: LabProcess): Promise<number | undefined> {
   const r = await runner.run(["cat", c.pidFile], { allowFailure: true });
   const pid = Number.parseInt(r.stdout.trim(), 10);
   if (r.exitCode !== 0 || !Number.isInteger(pid) || pid <= 1) return undefined;
   return (await pidInNs(runner, pid, c.ns)) ? pid : undefined;
 }
 
-/** logTail returns the last lines of a capsule's log ("" when unreadable). */
-export async function logTail(runner: CommandRunner, c: CapsulePlan, lines = 15): Promise<string> {
+/** logTail returns the last lines of a lab process's log ("" when unreadable). */
+export async function logTail(runner: CommandRunner, c: LabProcess, lines = 15): Promise<string> {
   const r = await runner.run(["tail", "-n", String(lines), c.logFile], { allowFailure: true });
   return r.exitCode === 0 ? r.stdout.trimEnd() : "";
 }
@@ -174,38 +210,53 @@ export async function ensureDirs(runner: CommandRunner, plan: LabPlan): Promise<
   await runner.run(["mkdir", "-p", plan.mntDir, ...plan.capsules.flatMap((c) => [c.runDir, c.stateDir])]);
 }
 
-/** ensureMountNamespaces pins the private mnt dir and every capsule's mount namespace that is not pinned yet. Idempotent. */
+/**
+ * ensureMountNamespaces pins the private mnt dir and every capsule's mount namespace that is not
+ * pinned yet, and gives an already pinned one whose /etc/resolv.conf is not the planned one (a
+ * lab made before it had DNS) the lab's resolv.conf. Idempotent: on a lab that is up it only reads.
+ */
 export async function ensureMountNamespaces(runner: CommandRunner, plan: LabPlan): Promise<void> {
   const mounts = await listMounts(runner);
   const cmds: LabCommand[] = [];
   if (!mounts.has(plan.mntDir)) cmds.push(...mountDirCommands(plan));
-  for (const c of plan.capsules) if (!mounts.has(c.mntns)) cmds.push(...mountNsCommands(c));
+  for (const c of plan.capsules) {
+    if (!mounts.has(c.mntns)) {
+      cmds.push(...mountNsCommands(c));
+      continue;
+    }
+    const want = plan.nodes.find((n) => n.ns === c.ns)?.resolvConf;
+    if (c.resolvFile === undefined || want === undefined) continue;
+    const have = await runner.run(["nsenter", `--mount=${c.mntns}`, "cat", "/etc/resolv.conf"], {
+      allowFailure: true,
+    });
+    if (have.stdout !== want) cmds.push(resolvBindCommand({ ...c, resolvFile: c.resolvFile }));
+  }
   for (const cmd of cmds) await runner.run(cmd.argv);
 }
 
 /**
- * stopDaemon stops a capsule's process group: SIGTERM, then SIGKILL after 5 s. Bounded; a
+ * stopDaemon stops a lab process's process group: SIGTERM, then SIGKILL after 5 s. Bounded; a
  * process that is already gone is fine.
  */
 export async function stopDaemon(
   runner: CommandRunner,
   clock: Clock,
-  c: CapsulePlan,
+  c: LabProcess,
   pid: number,
 ): Promise<void> {
   for (const sig of ["TERM", "KILL"]) {
     await runner.run(["kill", "-s", sig, "--", `-${pid}`], { allowFailure: true });
     const deadline = clock.now() + 5_000;
-    while ((await capsulePid(runner, c)) !== undefined) {
+    while ((await processPid(runner, c)) !== undefined) {
       if (clock.now() >= deadline) break;
       await clock.sleep(50);
     }
-    if ((await capsulePid(runner, c)) === undefined) return;
+    if ((await processPid(runner, c)) === undefined) return;
   }
 }
 
 /**
- * ensureDaemon starts the capsule's process unless it is already running with the planned argv;
+ * ensureDaemon starts a lab process (a capsule's daemon, a CA service) unless it is already running with the planned argv;
  * returns its pid. `runningArgv` is the argv the running process was started with (from the
  * state file; unset = unknown, taken as current): when it differs from the plan (say the
  * management address moved) the process is stopped and started again. Idempotent.
@@ -213,10 +264,10 @@ export async function stopDaemon(
 export async function ensureDaemon(
   runner: CommandRunner,
   clock: Clock,
-  c: CapsulePlan,
+  c: LabProcess,
   runningArgv?: readonly string[],
 ): Promise<{ pid: number; started: boolean }> {
-  const running = await capsulePid(runner, c);
+  const running = await processPid(runner, c);
   if (running !== undefined) {
     const current = runningArgv === undefined || runningArgv.join("\0") === c.argv.join("\0");
     if (current) return { pid: running, started: false };
@@ -227,7 +278,7 @@ export async function ensureDaemon(
   await runner.run(cmd.argv);
   const deadline = clock.now() + 5_000;
   for (;;) {
-    const pid = await capsulePid(runner, c);
+    const pid = await processPid(runner, c);
     if (pid !== undefined) return { pid, started: true };
     if (clock.now() >= deadline) {
       const tail = await logTail(runner, c);
@@ -258,7 +309,7 @@ export async function waitListening(
   for (;;) {
     const probe = await runner.run(tcpProbeArgv(plan, c.mgmtAddress, plan.apiPort), { allowFailure: true });
     if (probe.exitCode === 0) return;
-    const alive = (await capsulePid(runner, c)) !== undefined;
+    const alive = (await processPid(runner, c)) !== undefined;
     if (!alive || clock.now() >= deadline) {
       const tail = await logTail(runner, c);
       const why = alive ? `is not listening on ${c.api} after ${timeoutMs} ms` : "exited before listening";

@@ -2,7 +2,7 @@
 /**
  * `lab`: the multi-capsule lab on this machine.
  *
- *   lab up [--prefix P] [--homes N] [--capsules-per-home N] [--no-edge] [--port-forward SPEC]...
+ *   lab up [--prefix P] [--homes N] [--capsules-per-home N] [--no-edge] [--no-ca] [--port-forward SPEC]...
  *   lab down | status [-o json] | exec NAME -- CMD... | ctl -- CAPSULECTL-ARGS...
  *
  * `npm run lab -- up` runs it from the checkout.
@@ -55,6 +55,7 @@ program
   .option("--homes <n>", "home networks behind NAT (0-8)", "2")
   .option("--capsules-per-home <n>", "capsules on each home LAN", "1")
   .option("--no-edge", "leave out the edge capsule")
+  .option("--no-ca", "leave out the lab CA and DNS (<prefix>-ca); the edge then uses --acme-ca internal")
   .option(
     "--port-forward <spec>",
     "DNAT on a home router: HOME:tcp|udp:PORT[:CAPSULE[:TOPORT]]",
@@ -73,6 +74,7 @@ program
         homes: string;
         capsulesPerHome: string;
         edge: boolean;
+        ca: boolean;
         portForward?: PortForward[];
         daemon: "capsuled" | "stand-in";
         adopt: boolean;
@@ -85,6 +87,8 @@ program
           homes: Number(o.homes),
           capsulesPerHome: Number(o.capsulesPerHome),
           edge: o.edge,
+          // Unset = the planner's default (a CA when there is an edge).
+          ...(o.ca ? {} : { ca: false }),
           portForwards: o.portForward ?? [],
           daemon: o.daemon,
           adopt: o.adopt,
@@ -112,7 +116,7 @@ program
 
 program
   .command("status")
-  .description("print every lab node: role, namespace, addresses, capsuled liveness, log")
+  .description("print every lab node: role, namespace, addresses, capsuled (or CA) liveness, log")
   .addOption(prefixOpt())
   .addOption(dirOpt())
   .addOption(new Option("-o, --output <format>", "table or json").choices(["table", "json"]).default("table"))

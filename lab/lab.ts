@@ -11,17 +11,19 @@ import { fileURLToPath } from "node:url";
 import { CapsuleError, ErrorCode } from "../src/errors.js";
 import type { Clock } from "../src/node/host/clock.js";
 import { type CommandRunner, ExecaRunner, type RunResult } from "../src/node/host/runner.js";
+import { caServices, caStatus, ensureCa } from "./ca.js";
 import {
-  capsulePid,
   enterArgv,
   ensureDaemon,
   ensureDirs,
   ensureMountNamespaces,
   isListening,
+  processPid,
   RefClock,
   waitListening,
 } from "./capsules.js";
 import { applyNetwork, type LabCommand } from "./network.js";
+import { applyResolvers } from "./resolvers.js";
 import {
   type CapsulePlan,
   DEFAULT_PREFIX,
@@ -46,7 +48,7 @@ export interface LabContext {
 
 /** LabUpOptions adds `up`-only knobs to {@link LabOptions}. */
 export interface LabUpOptions extends LabOptions {
-  /** startTimeoutMs bounds the wait for each capsule's API to listen (default 20000). */
+  /** startTimeoutMs bounds the wait for each capsule's API to listen, and for the lab CA to answer (default 20000). */
   startTimeoutMs?: number;
   /** adopt makes the lab's operator adopt every capsule (default true with capsuled, ignored for the stand-in). */
   adopt?: boolean;
@@ -72,6 +74,8 @@ export interface LabState {
     /** argv the process was started with; a changed plan restarts it. */
     argv: string[];
   }[];
+  /** services are the lab CA namespace's processes (dnsmasq, caddy); absent in a lab without one. */
+  services?: { name: string; ns: string; pid: number | undefined; log: string; argv: string[] }[];
   updatedAt: string;
 }
 
@@ -82,6 +86,10 @@ export interface LabUpResult {
   networkCommands: LabCommand[];
   /** started are the capsules whose process this run started. */
   started: string[];
+  /** servicesStarted are the lab CA namespace's services ("dnsmasq", "caddy") this run started. */
+  servicesStarted: string[];
+  /** resolverCommands are the commands that wrote or removed /etc/netns/<prefix>-* files (empty when current). */
+  resolverCommands: LabCommand[];
   /** adopted are the capsules this run adopted. */
   adopted: string[];
   /** elapsedMs is the wall time of `up`. */
@@ -126,6 +134,7 @@ async function writeState(
   phase: LabState["phase"],
   pids: Map<string, number>,
   previous?: LabState,
+  servicePids: Record<string, number> = {},
 ) {
   const state: LabState = {
     version: 1,
@@ -144,6 +153,20 @@ async function writeState(
       // Until this run has (re)started the process, the argv it runs with is the previous one.
       argv: pids.has(c.name) ? c.argv : (previous?.capsules.find((p) => p.name === c.name)?.argv ?? c.argv),
     })),
+    ...(plan.ca
+      ? {
+          services: caServices(plan.ca).map((s) => ({
+            name: s.name,
+            ns: s.ns,
+            pid: servicePids[s.name],
+            log: s.logFile,
+            argv:
+              servicePids[s.name] !== undefined
+                ? s.argv
+                : (previous?.services?.find((p) => p.name === s.name)?.argv ?? s.argv),
+          })),
+        }
+      : {}),
     updatedAt: new Date().toISOString(),
   };
   await runner.run(["tee", plan.stateFile], { input: `${JSON.stringify(state, null, 2)}\n` });
@@ -178,17 +201,29 @@ export const LAB_TOOLS = [
   "kill",
 ] as const;
 
-/** missingTools returns the {@link LAB_TOOLS} not found on `PATH` (read-only). */
-export function missingTools(path = process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin"): string[] {
+/** missingTools returns the `tools` (default {@link LAB_TOOLS}) not found on `PATH` (read-only). */
+export function missingTools(
+  path = process.env.PATH ?? "/usr/sbin:/usr/bin:/sbin:/bin",
+  tools: readonly string[] = LAB_TOOLS,
+): string[] {
   const dirs = path.split(":").filter(Boolean);
-  return LAB_TOOLS.filter((tool) => !dirs.some((d) => existsSync(join(d, tool))));
+  return tools.filter((tool) => !dirs.some((d) => existsSync(join(d, tool))));
 }
+
+/** CA_TOOLS are the host programs the lab CA and DNS namespace runs (probed when the plan has one). */
+export const CA_TOOLS = ["dnsmasq", "caddy", "curl"] as const;
 
 function preflight(plan: LabPlan, opts: LabUpOptions): void {
   const missing = missingTools();
   if (missing.length) {
     throw new CapsuleError(ErrorCode.FailedPrecondition, `the lab needs ${missing.join(", ")} on PATH`, {
       hint: "apt-get install iproute2 nftables util-linux procps bash coreutils (see lab/README.md)",
+    });
+  }
+  const missingCa = plan.ca ? missingTools(undefined, CA_TOOLS) : [];
+  if (missingCa.length) {
+    throw new CapsuleError(ErrorCode.FailedPrecondition, `the lab CA needs ${missingCa.join(", ")} on PATH`, {
+      hint: "apt-get install dnsmasq-base caddy curl (or bring the lab up with --no-ca)",
     });
   }
   if (process.getuid?.() !== 0) {
@@ -242,25 +277,49 @@ export async function labUp(opts: LabUpOptions = {}, ctx: LabContext = {}): Prom
   );
   if (strays.length) log(`removed namespaces the plan no longer has: ${strays.join(", ")}`);
 
+  const resolverCommands = await applyResolvers(runner, plan);
+  const timeout = opts.startTimeoutMs ?? 20_000;
+  // The CA comes up while the capsules' mount namespaces are made and the homes start; only the
+  // edge's capsuled, told to use the directory and trust the root file, waits for it.
+  const caUp = plan.ca
+    ? ensureCa(
+        runner,
+        clock,
+        plan.ca,
+        Object.fromEntries((previous?.services ?? []).map((s) => [s.name, s.argv])),
+        timeout,
+      ).then((r) => {
+        log(
+          `ca: ${r.started.length ? `started ${r.started.join(", ")}` : "running"}, ${plan.ca!.directory} answering (${Date.now() - t0} ms)`,
+        );
+        return r;
+      })
+    : Promise.resolve(undefined);
+  // Awaited below in every path; this only keeps an early failure elsewhere from leaving it unhandled.
+  caUp.catch(() => {});
+
   await ensureDirs(runner, plan);
   await ensureMountNamespaces(runner, plan);
   const started: string[] = [];
   const results = await Promise.all(
-    plan.capsules.map((c) =>
-      ensureDaemon(runner, clock, c, previous?.capsules.find((p) => p.name === c.name)?.argv),
-    ),
+    plan.capsules.map(async (c) => {
+      if (c.role === "edge") await caUp;
+      return ensureDaemon(runner, clock, c, previous?.capsules.find((p) => p.name === c.name)?.argv);
+    }),
   );
+  const ca = await caUp;
+  const servicesStarted = ca?.started ?? [];
+  const servicePids = ca?.pids ?? {};
   plan.capsules.forEach((c, i) => {
     const r = results[i]!;
     pids.set(c.name, r.pid);
     if (r.started) started.push(c.name);
   });
-  await writeState(runner, plan, "creating", pids);
+  await writeState(runner, plan, "creating", pids, undefined, servicePids);
   log(
     `processes: ${started.length ? `started ${started.join(", ")}` : "all running"} (${Date.now() - t0} ms)`,
   );
 
-  const timeout = opts.startTimeoutMs ?? 20_000;
   await Promise.all(plan.capsules.map((c) => waitListening(runner, clock, plan, c, timeout)));
   log(`listening: ${plan.capsules.map((c) => c.api).join(", ")} (${Date.now() - t0} ms)`);
 
@@ -296,8 +355,16 @@ export async function labUp(opts: LabUpOptions = {}, ctx: LabContext = {}): Prom
       `operator: ${adopted.length ? `adopted ${adopted.join(", ")}` : "all adopted"} (${Date.now() - t0} ms)`,
     );
   }
-  await writeState(runner, plan, "up", pids);
-  return { plan, networkCommands, started, adopted, elapsedMs: Date.now() - t0 };
+  await writeState(runner, plan, "up", pids, undefined, servicePids);
+  return {
+    plan,
+    networkCommands,
+    resolverCommands,
+    started,
+    servicesStarted,
+    adopted,
+    elapsedMs: Date.now() - t0,
+  };
 }
 
 /** capsuleFingerprint reads a capsule's TLS fingerprint from its state dir (`capsuled fingerprint`). */
@@ -411,6 +478,11 @@ export interface StatusRow {
   /** namespaceExists is false when the namespace is gone. */
   namespaceExists: boolean;
   log: string;
+  /**
+   * services are the CA namespace's processes with their pids (the CA row only); its `listening`
+   * says whether the ACME directory answers, TLS checked against the lab root.
+   */
+  services?: { name: string; pid: number | undefined }[];
 }
 
 /** LabStatus is the state of a lab as observed now. */
@@ -445,9 +517,15 @@ export async function labStatus(sel: LabSelector = {}, ctx: LabContext = {}): Pr
       const home = plan.homes.find((h) => h.routerNs === n.ns);
       let pid: number | undefined;
       let listening: boolean | undefined;
+      let services: StatusRow["services"];
       if (c && exists) {
-        pid = await capsulePid(runner, c);
+        pid = await processPid(runner, c);
         listening = await isListening(runner, plan, c);
+      }
+      if (n.role === "ca" && plan.ca) {
+        const st = exists ? await caStatus(runner, plan.ca) : { pids: {}, directory: false };
+        services = caServices(plan.ca).map((s) => ({ name: s.name, pid: st.pids[s.name] }));
+        listening = st.directory;
       }
       return {
         name: c?.name ?? n.short,
@@ -459,11 +537,12 @@ export async function labStatus(sel: LabSelector = {}, ctx: LabContext = {}): Pr
         pid,
         listening,
         namespaceExists: exists,
-        log: c?.logFile ?? "-",
+        log: c?.logFile ?? (n.role === "ca" && plan.ca ? plan.ca.caddy.logFile : "-"),
+        ...(services ? { services } : {}),
       };
     }),
   );
-  const order = (r: StatusRow) => ["edge", "home", "router", "client", "op", "inet"].indexOf(r.role);
+  const order = (r: StatusRow) => ["edge", "home", "router", "ca", "client", "op", "inet"].indexOf(r.role);
   rows.sort((a, b) => order(a) - order(b));
   const known = new Set(plan.nodes.map((n) => n.ns));
   return {
@@ -476,10 +555,19 @@ export async function labStatus(sel: LabSelector = {}, ctx: LabContext = {}): Pr
   };
 }
 
+function processCell(r: StatusRow): string {
+  if (r.services) {
+    const procs = r.services.map((p) => `${p.name} ${p.pid === undefined ? "down" : `pid ${p.pid}`}`);
+    return `${procs.join(", ")}, ACME ${r.listening ? "answering" : "not answering"}`;
+  }
+  if (r.role !== "edge" && r.role !== "home") return "-";
+  return r.pid === undefined ? "down" : `pid ${r.pid}, ${r.listening ? "listening" : "not listening"}`;
+}
+
 /** formatStatus renders {@link LabStatus} as the table `lab status` prints. Pure. */
 export function formatStatus(s: LabStatus): string {
   if (!s.found) return `no lab with prefix "${s.prefix}" (lab dir ${s.labDir})\n`;
-  const head = ["NAME", "ROLE", "NAMESPACE", "LAN", "WAN", "MGMT", "CAPSULED", "LOG"];
+  const head = ["NAME", "ROLE", "NAMESPACE", "LAN", "WAN", "MGMT", "PROCESS", "LOG"];
   const body = s.rows.map((r) => [
     r.name,
     r.role,
@@ -487,11 +575,7 @@ export function formatStatus(s: LabStatus): string {
     r.lan,
     r.wan,
     r.mgmt,
-    r.role === "edge" || r.role === "home"
-      ? r.pid === undefined
-        ? "down"
-        : `pid ${r.pid}, ${r.listening ? "listening" : "not listening"}`
-      : "-",
+    processCell(r),
     r.log,
   ]);
   const widths = head.map((h, i) => Math.max(h.length, ...body.map((row) => row[i]!.length)));

@@ -6,7 +6,8 @@
  *
  * Addressing (documentation ranges only, and only inside namespaces the lab creates):
  * - "internet" 192.0.2.0/24: a bridge in `<p>-inet`; edge 192.0.2.10, home router i WAN
- *   192.0.2.(101+i), internet client 192.0.2.200.
+ *   192.0.2.(101+i), internet client 192.0.2.200, the lab CA and DNS (`<p>-ca`) 192.0.2.53;
+ *   192.0.2.11 is left free for tests (names under acme-test.capsule.test point there).
  * - home i LAN 198.51.100.(32i)/27: router .32i+1, capsule j .32i+10+j (up to 8 homes).
  * - operator links 203.0.113.(4k)/30, one per capsule in slot k (see {@link mgmtSlot}): operator
  *   side .4k+1, capsule side .4k+2.
@@ -15,6 +16,8 @@ import { DAEMON_NODE_FLAGS } from "../src/node/node-flags.js";
 import { createHash } from "node:crypto";
 import { join } from "node:path";
 import { invalidArgument } from "../src/errors.js";
+import { CA_ADDRESS, type CaPlan, DNS_ADDRESS, planCa, resolvConf } from "./ca.js";
+import { resolvFilePath } from "./resolvers.js";
 
 /** LabDaemon picks the process each capsule runs: the real `capsuled`, or a TCP stand-in that only listens. */
 export type LabDaemon = "capsuled" | "stand-in";
@@ -43,6 +46,12 @@ export interface LabOptions {
   capsulesPerHome?: number;
   /** edge adds the internet-facing edge capsule (default true). */
   edge?: boolean;
+  /**
+   * ca adds `<p>-ca`: the lab DNS (dnsmasq, zone capsule.test) and an ACME CA (Caddy
+   * `acme_server`) the edge gets its certificates from; every namespace with an internet route
+   * resolves through it (default: the same as `edge`).
+   */
+  ca?: boolean;
   /** portForwards adds DNAT rules to home routers (default none: inbound is blocked). */
   portForwards?: PortForward[];
   /** labDir holds state, logs, run dirs and the operator config (default `/tmp/capsule-lab-<prefix>`). */
@@ -60,7 +69,7 @@ export interface LabOptions {
 }
 
 /** NodeRole says what a lab namespace plays. */
-export type NodeRole = "inet" | "edge" | "home" | "router" | "client" | "op";
+export type NodeRole = "inet" | "edge" | "home" | "router" | "client" | "op" | "ca";
 
 /** NetNode is one network namespace and everything the lab owns inside it. */
 export interface NetNode {
@@ -79,6 +88,8 @@ export interface NetNode {
   sysctls: Record<string, string>;
   /** ruleset is this namespace's nftables table (whole-table replace), or undefined for none. */
   ruleset: NftRuleset | undefined;
+  /** resolvConf is the content of `/etc/netns/<ns>/resolv.conf` (the lab DNS), or undefined for none. */
+  resolvConf: string | undefined;
 }
 
 /** NftRuleset is one nftables table applied whole with `nft -f`; `hash` is kept as the table comment. */
@@ -130,6 +141,8 @@ export interface CapsulePlan {
   pidFile: string;
   /** mntns is the file the capsule's persistent mount namespace is bound to. */
   mntns: string;
+  /** resolvFile is bound over /etc/resolv.conf in the capsule's mount namespace (undefined: the host's). */
+  resolvFile: string | undefined;
   /** argv starts the capsule's process inside its namespaces. */
   argv: string[];
 }
@@ -165,6 +178,8 @@ export interface LabPlan {
   veths: Veth[];
   capsules: CapsulePlan[];
   homes: HomePlan[];
+  /** ca is the lab CA and DNS namespace, undefined when the lab has none. */
+  ca: CaPlan | undefined;
   /** options as given, kept so `status` and `down` can re-plan from the state file. */
   options: LabOptions;
 }
@@ -292,6 +307,7 @@ function node(
     routes: [],
     sysctls: { ...sysctls },
     ruleset: undefined,
+    resolvConf: undefined,
   };
 }
 
@@ -309,6 +325,7 @@ export function planLab(options: LabOptions & { repoDir: string; nodeBin: string
   const perHome = options.capsulesPerHome ?? 1;
   checkInt("capsulesPerHome", perHome, 1, MAX_PER_HOME);
   const withEdge = options.edge ?? true;
+  const withCa = options.ca ?? withEdge;
   const apiPort = options.apiPort ?? 50000;
   checkInt("apiPort", apiPort, 1, 65535);
   const fabricPort = options.fabricPort ?? 51820;
@@ -331,6 +348,7 @@ export function planLab(options: LabOptions & { repoDir: string; nodeBin: string
   op.ruleset = opRuleset();
   const client = node(prefix, "client", "client");
   const nodes: NetNode[] = [inet, op, client];
+  const ca = withCa ? planCa(prefix, labDir, withEdge ? EDGE_ADDRESS : undefined) : undefined;
   const veths: Veth[] = [];
   const capsules: CapsulePlan[] = [];
   const homePlans: HomePlan[] = [];
@@ -354,6 +372,7 @@ export function planLab(options: LabOptions & { repoDir: string; nodeBin: string
       | "logFile"
       | "pidFile"
       | "mntns"
+      | "resolvFile"
       | "argv"
       | "ns"
     >,
@@ -383,7 +402,7 @@ export function planLab(options: LabOptions & { repoDir: string; nodeBin: string
             "--fabric-port",
             String(fabricPort),
             ...(c.role === "edge"
-              ? ["--endpoint", `${c.wanAddress}:${fabricPort}`, "--edge", "--acme-ca", "internal"]
+              ? ["--endpoint", `${c.wanAddress}:${fabricPort}`, ...edgeFlags(c.wanAddress)]
               : []),
           ]
         : [
@@ -407,9 +426,29 @@ export function planLab(options: LabOptions & { repoDir: string; nodeBin: string
       logFile: join(dir, "capsuled.log"),
       pidFile: join(dir, "capsuled.pid"),
       mntns: join(mntDir, `${c.name}.mnt`),
+      resolvFile: ca ? resolvFilePath(n.ns) : undefined,
       argv,
     });
   };
+
+  // The edge's ACME settings: the lab CA when there is one, else Caddy's internal issuer.
+  const edgeFlags = (publicAddress: string | undefined): string[] =>
+    ca
+      ? [
+          "--edge",
+          "--acme-ca",
+          ca.directory,
+          "--acme-ca-root",
+          ca.rootFile,
+          ...(publicAddress ? ["--public-address", publicAddress] : []),
+        ]
+      : ["--edge", "--acme-ca", "internal"];
+
+  if (ca) {
+    const n = node(prefix, "ca", "ca");
+    nodes.push(n);
+    attachInet(n, CA_ADDRESS);
+  }
 
   if (withEdge) {
     const edge = node(prefix, "edge", "edge");
@@ -491,6 +530,13 @@ export function planLab(options: LabOptions & { repoDir: string; nodeBin: string
   client.addresses.push({ ifname: "wan0", cidr: `${CLIENT_ADDRESS}/24` });
   veths.push({ a: { ns: inet.ns, ifname: "client" }, b: { ns: client.ns, ifname: "wan0" }, master: "br0" });
 
+  // Every namespace with a way to the internet resolves through the lab DNS; inet (no address)
+  // and op (no route out) keep the host's file, which they cannot use anyway.
+  if (ca) {
+    for (const n of nodes)
+      if (n.role !== "inet" && n.role !== "op") n.resolvConf = resolvConf(prefix, DNS_ADDRESS);
+  }
+
   for (const n of nodes) {
     if (n.ns.length > 64) throw invalidArgument("prefix", `namespace name ${n.ns} is too long`);
   }
@@ -516,6 +562,7 @@ export function planLab(options: LabOptions & { repoDir: string; nodeBin: string
     veths,
     capsules,
     homes: homePlans,
+    ca,
     options: { ...options },
   };
 }

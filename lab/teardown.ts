@@ -9,6 +9,7 @@ import { containerdPaths } from "../src/node/runtime/containerd.js";
 import { defaultCgroupParent } from "../src/node/runtime/containers.js";
 import { listMounts } from "./capsules.js";
 import { parseNetnsList } from "./network.js";
+import { listResolverEntries, removeResolvers } from "./resolvers.js";
 
 /**
  * TeardownInput names the lab (both required). Nothing else is needed: namespaces are found by
@@ -25,6 +26,8 @@ export interface TeardownResult {
   /** killed are the pids that were signalled. */
   killed: number[];
   namespaces: string[];
+  /** resolvers are the namespaces whose /etc/netns/<ns> entry was removed. */
+  resolvers: string[];
   unmounted: string[];
   removedDir: boolean;
   /** leftovers describes anything still present afterwards (empty on success). */
@@ -83,8 +86,15 @@ export async function workloadCgroups(runner: CommandRunner, labDir: string): Pr
     );
 }
 
+/**
+ * LAB_DIR_FLAGS are the flags by which a lab process names a file under its lab dir: capsuled's
+ * `--state-dir`, the CA's `caddy run --config` and `dnsmasq --conf-file=`.
+ */
+const LAB_DIR_FLAGS = "(--state-dir |--config |--conf-file=)";
+
 /** labPids finds every process that belongs to the lab: everything inside its network namespaces,
- * plus any process still running with one of its state dirs (e.g. one whose namespace is gone).
+ * plus any process still running with its lab dir after one of {@link LAB_DIR_FLAGS} (e.g. one
+ * whose namespace is gone).
  */
 export async function labPids(
   runner: CommandRunner,
@@ -97,7 +107,7 @@ export async function labPids(
   );
   for (const r of lists) for (const p of parsePids(r.stdout)) found.add(p);
   if (labDir !== undefined) {
-    const byDir = await runner.run(["pgrep", "-f", "--", `--state-dir ${escapeRegex(labDir)}/`], {
+    const byDir = await runner.run(["pgrep", "-f", "--", `${LAB_DIR_FLAGS}${escapeRegex(labDir)}/`], {
       allowFailure: true,
     });
     for (const p of parsePids(byDir.stdout)) found.add(p);
@@ -194,8 +204,8 @@ export async function pruneNamespaces(
 /**
  * teardownLab removes a lab: SIGTERM to its processes (and their process groups), SIGKILL after
  * 3 s, unmount every mount under the lab dir (mount namespace pins, the private mnt dir),
- * delete its network namespaces (which deletes every veth and bridge in them) and remove the lab
- * dir if it carries the lab marker. Every wait is bounded. Idempotent.
+ * delete its network namespaces (which deletes every veth and bridge in them), remove its
+ * `/etc/netns/<prefix>-*` resolv.conf entries and remove the lab dir if it carries the lab marker. Every wait is bounded. Idempotent.
  */
 export async function teardownLab(
   runner: CommandRunner,
@@ -217,6 +227,7 @@ export async function teardownLab(
   }
 
   for (const ns of namespaces) await runner.run(["ip", "netns", "del", ns], { allowFailure: true });
+  const resolvers = await removeResolvers(runner, prefix);
 
   // Workload cgroups (now empty) and loop devices backing the capsules' volumes.
   for (const parent of await workloadCgroups(runner, labDir))
@@ -237,6 +248,7 @@ export async function teardownLab(
 
   const leftovers: string[] = [];
   for (const ns of await labNamespaces(runner, prefix)) leftovers.push(`namespace ${ns}`);
+  for (const ns of await listResolverEntries(runner, prefix)) leftovers.push(`/etc/netns/${ns}`);
   for (const p of pids) leftovers.push(`process ${p}`);
   for (const m of [...(await listMounts(runner))].filter((x) => x === labDir || x.startsWith(`${labDir}/`))) {
     leftovers.push(`mount ${m}`);
@@ -244,5 +256,5 @@ export async function teardownLab(
   if (removedDir && (await runner.run(["test", "-e", labDir], { allowFailure: true })).exitCode === 0) {
     leftovers.push(`directory ${labDir}`);
   }
-  return { killed, namespaces, unmounted, removedDir, leftovers };
+  return { killed, namespaces, resolvers, unmounted, removedDir, leftovers };
 }

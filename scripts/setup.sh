@@ -11,7 +11,7 @@ declare -A NEED=(
   [conntrack]=conntrack [caddy]=caddy [runc]=runc [containerd]=containerd
   [busybox]=busybox-static [openssl]=openssl [unshare]=util-linux [nsenter]=util-linux
   [g++]=g++ [make]=make [python3]=python3 [curl]=curl [socat]=socat [iperf3]=iperf3
-  [docker-registry]=docker-registry
+  [docker-registry]=docker-registry [dnsmasq]=dnsmasq-base [haproxy]=haproxy [wrk]=wrk
 )
 missing=()
 for cmd in "${!NEED[@]}"; do

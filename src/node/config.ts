@@ -18,6 +18,10 @@ export interface DaemonConfig {
   logLevel: "trace" | "debug" | "info" | "warn" | "error" | "fatal";
   edge: boolean;
   acmeCa: string;
+  /** acmeCaRoot is a PEM file of extra roots to trust for the ACME directory (a lab or LAN CA). */
+  acmeCaRoot: string | undefined;
+  /** acmeEmail is the ACME account contact; unset = none. */
+  acmeEmail: string | undefined;
   publicAddress: string | undefined;
   /** fabric is false with --no-fabric (API-only: tests on loopback, hosts without WireGuard). */
   fabric: boolean;
@@ -36,6 +40,8 @@ export interface DaemonFlags {
   logLevel?: string;
   edge?: boolean;
   acmeCa?: string;
+  acmeCaRoot?: string;
+  acmeEmail?: string;
   publicAddress?: string;
   /** fabric: commander sets false for --no-fabric. */
   fabric?: boolean;
@@ -87,6 +93,14 @@ export function resolveConfig(f: DaemonFlags): DaemonConfig {
       "give the ACME directory URL",
     );
   }
+  if (f.acmeCaRoot !== undefined && !f.acmeCaRoot.startsWith("/"))
+    throw invalidArgument(
+      "--acme-ca-root",
+      `"${f.acmeCaRoot}" is not an absolute path`,
+      "give the PEM file's full path",
+    );
+  if (f.acmeEmail !== undefined && !/^[^\s@]+@[^\s@]+\.[^\s@]+$/.test(f.acmeEmail))
+    throw invalidArgument("--acme-email", `"${f.acmeEmail}" is not an email address`);
   if (f.publicAddress && !isIP(f.publicAddress)) {
     throw invalidArgument("--public-address", `"${f.publicAddress}" is not an IP address`);
   }
@@ -102,6 +116,8 @@ export function resolveConfig(f: DaemonFlags): DaemonConfig {
     logLevel,
     edge: f.edge ?? false,
     acmeCa,
+    acmeCaRoot: f.acmeCaRoot,
+    acmeEmail: f.acmeEmail,
     publicAddress: f.publicAddress ?? endpoint?.host,
     fabric: f.fabric ?? true,
   };

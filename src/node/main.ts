@@ -20,6 +20,8 @@ const program = new Command("capsuled")
   .option("--log-level <level>", "trace|debug|info|warn|error", "info")
   .option("--edge", "run Caddy and serve as an edge")
   .option("--acme-ca <url|internal>", "ACME directory URL, or internal for Caddy's own CA")
+  .option("--acme-ca-root <file>", "PEM file of extra roots to trust for the ACME CA (labs, LANs)")
+  .option("--acme-email <email>", "ACME account contact")
   .option("--public-address <ip>", "address visitors reach (default: the --endpoint address)")
   .option("--no-fabric", "serve the API only: no WireGuard interface (tests, hosts without WireGuard)")
   .action(async (flags: DaemonFlags) => {

@@ -2,15 +2,17 @@
  * Test helpers for the lab: a fresh lab per test with a unique prefix that is always torn down,
  * a leftover check, and small TCP tools that run inside lab nodes.
  */
+import { readFileSync } from "node:fs";
 import { randomBytes } from "node:crypto";
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
 import type { Test } from "tap";
 import { Lab, type LabUpOptions, MARKER_FILE } from "../../lab/lab.js";
 import { defaultLabDir } from "../../lab/plan.js";
+import { ETC_NETNS } from "../../lab/resolvers.js";
 import { CGROUP_PROCS, parsePids } from "../../lab/teardown.js";
 import { containerdPaths } from "../../src/node/runtime/containerd.js";
 import { defaultCgroupParent } from "../../src/node/runtime/containers.js";
-import { ExecaRunner } from "../../src/node/host/runner.js";
+import { ExecaRunner, type RunResult } from "../../src/node/host/runner.js";
 
 /** ROOT_SKIP is the skip reason of every test that needs root. */
 export const ROOT_SKIP = "requires superuser privileges";
@@ -49,9 +51,10 @@ export async function withLab(t: Test, opts: LabUpOptions = {}): Promise<Lab> {
 }
 
 /**
- * leftovers lists what remains of lab `prefix`: namespaces, mounts under its lab dir, processes
- * running with its lab dir on their command line (zombies excluded), the lab dir itself, and any
- * root-namespace veth named like a lab interface (the lab never makes one there).
+ * leftovers lists what remains of lab `prefix`: namespaces, `/etc/netns/<prefix>-*` entries,
+ * mounts under its lab dir, processes running with its lab dir on their command line (capsuled,
+ * the CA's dnsmasq and Caddy; zombies excluded), the lab dir itself, and any root-namespace veth
+ * named like a lab interface (the lab never makes one there).
  */
 export async function leftovers(prefix: string, labDir = defaultLabDir(prefix)): Promise<string[]> {
   const r = new ExecaRunner();
@@ -61,6 +64,9 @@ export async function leftovers(prefix: string, labDir = defaultLabDir(prefix)):
     .map((l) => l.split(" ")[0] ?? "")
     .filter((n) => n.startsWith(`${prefix}-`));
   out.push(...ns.map((n) => `namespace ${n}`));
+  if (existsSync(ETC_NETNS)) {
+    for (const e of readdirSync(ETC_NETNS)) if (e.startsWith(`${prefix}-`)) out.push(`${ETC_NETNS}/${e}`);
+  }
   const mounts = (await r.run(["findmnt", "-rn", "-o", "TARGET"])).stdout
     .split("\n")
     .filter((m) => m === labDir || m.startsWith(`${labDir}/`));
@@ -92,7 +98,7 @@ export async function leftovers(prefix: string, labDir = defaultLabDir(prefix)):
   const veths = (await r.run(["ip", "-o", "link", "show", "type", "veth"])).stdout.split("\n");
   for (const l of veths) {
     const name = l.split(":")[1]?.trim().split("@")[0] ?? "";
-    if (/^(edge|client|wan0|lan0|mgmt0|home[A-H]\d*(-rtr)?)$/.test(name))
+    if (/^(edge|client|ca|probe|wan0|lan0|mgmt0|home[A-H]\d*(-rtr)?)$/.test(name))
       out.push(`root-namespace veth ${name}`);
   }
   return out;
@@ -188,4 +194,75 @@ export async function tcpConnect(
     },
   );
   return r.exitCode === 0;
+}
+
+/** InternetHost is a throwaway namespace on the lab internet (see {@link addInternetHost}). */
+export interface InternetHost {
+  /** ns is `<prefix>-<short>`; `lab down` removes it with the lab. */
+  ns: string;
+  address: string;
+  /** exec runs argv in it under `ip netns exec` (so with the lab resolv.conf); never throws on a non-zero exit. */
+  exec(argv: readonly string[], timeoutMs?: number): Promise<RunResult>;
+}
+
+/**
+ * addInternetHost attaches a throwaway namespace `<prefix>-<short>` to the lab internet bridge at
+ * `address` (192.0.2.0/24; 192.0.2.11 is the one names under acme-test.capsule.test resolve to),
+ * resolving through the lab DNS like the client. Registers a teardown that stops everything in
+ * it and removes it and its /etc/netns entry; `lab down` would too (it owns the prefix).
+ */
+export async function addInternetHost(
+  t: Test,
+  lab: Lab,
+  short: string,
+  address: string,
+): Promise<InternetHost> {
+  const r = new ExecaRunner();
+  const { prefix } = lab.plan;
+  const ns = `${prefix}-${short}`;
+  const inet = `${prefix}-inet`;
+  const resolv = lab.plan.nodes.find((n) => n.role === "client")?.resolvConf;
+  const etc = `${ETC_NETNS}/${ns}`;
+  t.teardown(async () => {
+    const pids = parsePids((await r.run(["ip", "netns", "pids", ns], { allowFailure: true })).stdout);
+    if (pids.length) await r.run(["kill", "-KILL", ...pids.map(String)], { allowFailure: true });
+    await r.run(["ip", "netns", "del", ns], { allowFailure: true });
+    await r.run(["rm", "-rf", etc], { allowFailure: true });
+  });
+  for (const argv of [
+    ["ip", "netns", "add", ns],
+    ["ip", "-n", ns, "link", "set", "lo", "up"],
+    ["ip", "-n", inet, "link", "add", short, "type", "veth", "peer", "name", "wan0", "netns", ns],
+    ["ip", "-n", inet, "link", "set", short, "master", "br0", "up"],
+    ["ip", "-n", ns, "addr", "add", `${address}/24`, "dev", "wan0"],
+    ["ip", "-n", ns, "link", "set", "wan0", "up"],
+  ])
+    await r.run(argv);
+  if (resolv !== undefined) {
+    await r.run(["mkdir", "-p", etc]);
+    await r.run(["tee", `${etc}/resolv.conf`], { input: resolv });
+  }
+  return {
+    ns,
+    address,
+    exec: (argv, timeoutMs = 30_000) =>
+      r.run(["ip", "netns", "exec", ns, ...argv], { allowFailure: true, timeoutMs }),
+  };
+}
+
+/** killCapsuled SIGKILLs lab capsule `name`'s capsuled and waits (5 s at most) until it is gone. */
+export async function killCapsuled(lab: Lab, name: string): Promise<void> {
+  const pid = Number(readFileSync(lab.capsule(name).pidFile, "utf8"));
+  process.kill(pid, "SIGKILL");
+  const deadline = Date.now() + 5_000;
+  for (;;) {
+    try {
+      process.kill(pid, 0);
+    } catch {
+      return;
+    }
+    if (Date.now() > deadline)
+      throw new Error(`capsuled of ${name} (pid ${pid}) still alive 5 s after SIGKILL`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
 }

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import Database from "better-sqlite3";
 import t from "tap";
 import { ctl, fabricAddress, ping, rpc, waitFor } from "../helpers/fabric.js";
-import { isRoot, ROOT_SKIP, startServer, tcpRequest, withLab } from "../helpers/lab.js";
+import { isRoot, killCapsuled, ROOT_SKIP, startServer, tcpRequest, withLab } from "../helpers/lab.js";
 
 if (!isRoot()) {
   t.plan(0, ROOT_SKIP);
@@ -19,16 +19,7 @@ if (!isRoot()) {
     // A pool collision is refused at enroll, with the way out (repool) that then works.
     const homeBDir = join(lab.capsule("homeB").stateDir);
     const homeAPool = (await rpc<{ pool: number }>(lab, "homeA", "Fabric/Self")).pool;
-    const pid = Number(readFileSync(lab.capsule("homeB").pidFile, "utf8"));
-    process.kill(pid, "SIGKILL");
-    await waitFor(async () => {
-      try {
-        process.kill(pid, 0);
-        return false;
-      } catch {
-        return true;
-      }
-    }, 5000);
+    await killCapsuled(lab, "homeB");
     const db = new Database(join(homeBDir, "state.db"));
     db.prepare("UPDATE meta SET value = ? WHERE key = 'fabric_pool'").run(String(homeAPool));
     db.close();

@@ -3,14 +3,14 @@
 // NAT, so across the edge's relay), restart after a kill behind capsuled's back, adoption after a
 // capsuled SIGKILL (no duplicate container), a spec change recreating it on the same address, a
 // host-port conflict refused with nothing changed, and `get` showing phase, address and events.
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import t from "tap";
 import { containerdPaths } from "../../src/node/runtime/containerd.js";
 import { ctl, rpc, waitFor } from "../helpers/fabric.js";
 import { buildImageArchive } from "../helpers/images.js";
-import { isRoot, ROOT_SKIP, startServer, withLab } from "../helpers/lab.js";
+import { isRoot, killCapsuled, ROOT_SKIP, startServer, withLab } from "../helpers/lab.js";
 
 interface Workload {
   name: string;
@@ -221,16 +221,7 @@ if (!isRoot()) {
         .split("\n")
         .filter(Boolean);
     t.same(await ctrLs(), ["web.1"]);
-    const capsuledPid = Number(readFileSync(lab.capsule("homeA").pidFile, "utf8"));
-    process.kill(capsuledPid, "SIGKILL");
-    await waitFor(async () => {
-      try {
-        process.kill(capsuledPid, 0);
-        return false;
-      } catch {
-        return true;
-      }
-    }, 5_000);
+    await killCapsuled(lab, "homeA");
     await lab.up();
     const after = await waitRunning("homeA", "web");
     t.ok(after.ms >= 0, `running after capsuled restart (${after.ms} ms)`);

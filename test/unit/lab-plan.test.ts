@@ -96,7 +96,17 @@ t.test("planLab: default lab is an edge, two homes behind NAT, a client and the 
   const plan = planLab(BASE);
   t.same(
     plan.nodes.map((n) => n.ns),
-    ["cl-inet", "cl-op", "cl-client", "cl-edge", "cl-homeA-rtr", "cl-homeA", "cl-homeB-rtr", "cl-homeB"],
+    [
+      "cl-inet",
+      "cl-op",
+      "cl-client",
+      "cl-ca",
+      "cl-edge",
+      "cl-homeA-rtr",
+      "cl-homeA",
+      "cl-homeB-rtr",
+      "cl-homeB",
+    ],
   );
   t.equal(plan.labDir, "/tmp/capsule-lab-cl");
   t.same(
@@ -134,7 +144,11 @@ t.test("planLab: default lab is an edge, two homes behind NAT, a client and the 
     "192.0.2.10:51820",
     "--edge",
     "--acme-ca",
-    "internal",
+    "https://acme.capsule.test/acme/local/directory",
+    "--acme-ca-root",
+    "/tmp/capsule-lab-cl/ca/root.crt",
+    "--public-address",
+    "192.0.2.10",
   ]);
   t.notOk(plan.capsules[1]!.argv.includes("--endpoint"), "home capsules are behind NAT: no endpoint");
   t.same(plan.nodes.find((n) => n.ns === "cl-homeA")!.routes, [{ dst: "default", via: "198.51.100.1" }]);
@@ -259,6 +273,7 @@ t.test("reconcileNetwork: golden commands for a fresh lab", async (t) => {
       "ip netns add t-inet",
       "ip netns add t-op",
       "ip netns add t-client",
+      "ip netns add t-ca",
       "ip netns add t-edge",
       "ip netns add t-homeA-rtr",
       "ip netns add t-homeA",
@@ -268,6 +283,8 @@ t.test("reconcileNetwork: golden commands for a fresh lab", async (t) => {
       "ip netns exec t-op sysctl -q -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1 net.ipv4.ip_forward=0",
       "ip -n t-client link set lo up",
       "ip netns exec t-client sysctl -q -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1",
+      "ip -n t-ca link set lo up",
+      "ip netns exec t-ca sysctl -q -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1",
       "ip -n t-edge link set lo up",
       "ip netns exec t-edge sysctl -q -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1",
       "ip -n t-homeA-rtr link set lo up",
@@ -276,12 +293,14 @@ t.test("reconcileNetwork: golden commands for a fresh lab", async (t) => {
       "ip netns exec t-homeA sysctl -q -w net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1",
       "ip -n t-inet link add br0 type bridge",
       "ip -n t-homeA-rtr link add lan0 type bridge",
+      "ip -n t-inet link add ca type veth peer name wan0 netns t-ca",
       "ip -n t-inet link add edge type veth peer name wan0 netns t-edge",
       "ip -n t-op link add edge type veth peer name mgmt0 netns t-edge",
       "ip -n t-inet link add homeA-rtr type veth peer name wan0 netns t-homeA-rtr",
       "ip -n t-homeA-rtr link add homeA type veth peer name lan0 netns t-homeA",
       "ip -n t-op link add homeA type veth peer name mgmt0 netns t-homeA",
       "ip -n t-inet link add client type veth peer name wan0 netns t-client",
+      "ip -n t-inet link set ca master br0",
       "ip -n t-inet link set edge master br0",
       "ip -n t-inet link set homeA-rtr master br0",
       "ip -n t-homeA-rtr link set homeA master lan0",
@@ -289,6 +308,7 @@ t.test("reconcileNetwork: golden commands for a fresh lab", async (t) => {
       "ip -n t-op addr add 203.0.113.1/30 dev edge",
       "ip -n t-op addr add 203.0.113.5/30 dev homeA",
       "ip -n t-client addr add 192.0.2.200/24 dev wan0",
+      "ip -n t-ca addr add 192.0.2.53/24 dev wan0",
       "ip -n t-edge addr add 192.0.2.10/24 dev wan0",
       "ip -n t-edge addr add 203.0.113.2/30 dev mgmt0",
       "ip -n t-homeA-rtr addr add 198.51.100.1/27 dev lan0",
@@ -296,12 +316,14 @@ t.test("reconcileNetwork: golden commands for a fresh lab", async (t) => {
       "ip -n t-homeA addr add 198.51.100.10/27 dev lan0",
       "ip -n t-homeA addr add 203.0.113.6/30 dev mgmt0",
       "ip -n t-inet link set br0 up",
+      "ip -n t-inet link set ca up",
       "ip -n t-inet link set edge up",
       "ip -n t-inet link set homeA-rtr up",
       "ip -n t-inet link set client up",
       "ip -n t-op link set edge up",
       "ip -n t-op link set homeA up",
       "ip -n t-client link set wan0 up",
+      "ip -n t-ca link set wan0 up",
       "ip -n t-edge link set wan0 up",
       "ip -n t-edge link set mgmt0 up",
       "ip -n t-homeA-rtr link set lan0 up",
@@ -360,7 +382,7 @@ t.test("applyNetwork: observes, then runs only the difference", async (t) => {
   const plan = small();
   const fresh = kernel(new FakeRunner(), {});
   const ran = await applyNetwork(fresh, plan);
-  t.equal(ran.length, 58);
+  t.equal(ran.length, 66);
   t.same(fresh.commands.slice(0, 1), ["ip -j netns list"], "a fresh lab is observed with one command");
   t.same(
     fresh.commands.slice(1),
@@ -400,11 +422,16 @@ t.test("capsule processes: mount namespace pin, detached start, exec, capsulectl
         mountNsCommands(home)[1]!.argv[8]!,
         "capsule-lab",
         "/tmp/capsule-lab-t/homeA/run",
+        "/etc/netns/t-homeA/resolv.conf",
       ],
     ],
   );
   const script = mountNsCommands(home)[1]!.argv[8]!;
   t.match(script, /mount --bind "\$1" \/run/, "the private /run");
+  t.ok(
+    script.indexOf('mount --bind "$2" /etc/resolv.conf') < script.indexOf('mount --bind "$1" /run'),
+    "the lab resolv.conf, bound before /run is replaced",
+  );
   t.match(script, /mount -t sysfs sysfs \/sys/, "a sysfs of this netns");
   t.match(script, /mount -t "\$t" -o "\$o"/, "the host's cgroup hierarchies mounted again for runc");
   t.ok(
@@ -500,6 +527,7 @@ t.test(
   async (t) => {
     const clock = new FakeClock();
     let alive = true;
+    let resolvers = true;
     const r = new FakeRunner().on((argv) => {
       const cmd = argv.join(" ");
       if (cmd === "ip -j netns list") {
@@ -514,6 +542,8 @@ t.test(
       }
       if (cmd === "ip netns pids t-homeA") return { stdout: alive ? "4242\n4250\n" : "" };
       if (argv[0] === "pgrep") return { exitCode: 1 };
+      if (cmd.startsWith("find /etc/netns"))
+        return { stdout: resolvers ? "/etc/netns/t-homeA\n" : "", exitCode: resolvers ? 0 : 1 };
       if (argv[0] === "find") return { stdout: "/tmp/capsule-lab-t/homeA/state\n" };
       // A workload process: in the capsule's container cgroup, in no lab namespace.
       if (argv[3] === "cgroup-procs") return { stdout: alive ? "5000\n" : "" };
@@ -522,6 +552,7 @@ t.test(
           stdout: "/dev/loop3 /tmp/capsule-lab-t/homeA/state/volumes/data.img\n/dev/loop4 /srv/other.img\n",
         };
       if (argv[0] === "ps") return { stdout: " 4242  4242\n 4250  4242\n 5000  4990\n" };
+      if (argv[0] === "rmdir") resolvers = false;
       if (argv[0] === "kill") alive = false;
       if (argv[0] === "findmnt") {
         return {
@@ -538,6 +569,7 @@ t.test(
       snapshotter: "overlayfs",
     });
     t.same(res.namespaces, ["t-inet", "t-homeA"], "another lab's tx-* namespaces are not ours");
+    t.same(res.resolvers, ["t-homeA"], "the lab's /etc/netns entries are removed");
     t.same(res.unmounted, ["/tmp/capsule-lab-t/mnt/homeA.mnt", "/tmp/capsule-lab-t/mnt"]);
     t.ok(res.removedDir);
     t.same(
@@ -545,25 +577,29 @@ t.test(
       [
         "ip netns pids t-inet",
         "ip netns pids t-homeA",
-        "pgrep -f -- --state-dir /tmp/capsule-lab-t/",
+        "pgrep -f -- (--state-dir |--config |--conf-file=)/tmp/capsule-lab-t/",
         "find /tmp/capsule-lab-t -mindepth 2 -maxdepth 2 -type d -name state",
         `sh -c ${CGROUP_PROCS} cgroup-procs ${parent}`,
         "ps -o pid=,pgid= -p 4242,4250,5000",
         "kill -s TERM -- -4242 4242 4250 5000",
         "ip netns pids t-inet",
         "ip netns pids t-homeA",
-        "pgrep -f -- --state-dir /tmp/capsule-lab-t/",
+        "pgrep -f -- (--state-dir |--config |--conf-file=)/tmp/capsule-lab-t/",
         "find /tmp/capsule-lab-t -mindepth 2 -maxdepth 2 -type d -name state",
         `sh -c ${CGROUP_PROCS} cgroup-procs ${parent}`,
         "umount /tmp/capsule-lab-t/mnt/homeA.mnt",
         "umount /tmp/capsule-lab-t/mnt",
         "ip netns del t-inet",
         "ip netns del t-homeA",
+        "find /etc/netns -mindepth 1 -maxdepth 1 -name t-*",
+        "rm -f /etc/netns/t-homeA/resolv.conf",
+        "rmdir --ignore-fail-on-non-empty /etc/netns/t-homeA",
         "find /tmp/capsule-lab-t -mindepth 2 -maxdepth 2 -type d -name state",
         `sh -c ${CGROUP_RMDIR} cgroup-rmdir ${parent}`,
         "losetup -n -l -O NAME,BACK-FILE",
         "losetup -d /dev/loop3",
         "rm -rf --one-file-system /tmp/capsule-lab-t",
+        "find /etc/netns -mindepth 1 -maxdepth 1 -name t-*",
       ],
     );
   },
@@ -627,7 +663,7 @@ t.test("formatStatus renders one row per node", async (t) => {
   t.equal(
     out,
     "lab t (up) in /tmp/capsule-lab-t\n" +
-      "NAME   ROLE  NAMESPACE  LAN               WAN  MGMT            CAPSULED           LOG\n" +
+      "NAME   ROLE  NAMESPACE  LAN               WAN  MGMT            PROCESS            LOG\n" +
       "homeA  home  t-homeA    198.51.100.10/27  -    203.0.113.6/30  pid 42, listening  /tmp/capsule-lab-t/homeA/capsuled.log\n",
   );
   t.match(
