@@ -198,6 +198,12 @@ export class CaddySupervisor {
     });
   }
 
+  /** pid is the pid of the state dir's Caddy when one of ours runs, else undefined. Read-only. */
+  pid(opts: EnsureCaddyOptions): Promise<number | undefined> {
+    const spec = this.spec(caddyPaths(opts.stateDir));
+    return this.daemon.exclusive(() => this.daemon.ourPid(spec));
+  }
+
   /**
    * stop ends the state dir's Caddy (SIGTERM, then SIGKILL after the timeout) and removes its
    * pid file. For teardown and tests: capsuled never stops Caddy on exit. Idempotent: returns

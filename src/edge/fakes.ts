@@ -1,5 +1,6 @@
 import { CapsuleError, ErrorCode } from "../errors.js";
-import type { CaddyAdmin } from "./admin.js";
+import type { CaddyAdmin, UpstreamStatus } from "./admin.js";
+import type { EdgeDataPlane, EdgeDesired, RouteStatus } from "./dataplane.js";
 
 /**
  * FakeCaddyAdmin is the test double of Caddy's admin API: it records every config it accepted
@@ -48,5 +49,59 @@ export class FakeCaddyAdmin implements CaddyAdmin {
     return this.up;
   }
 
+  /** upstreamList is what upstreams() returns (set it in tests). */
+  upstreamList: UpstreamStatus[] = [];
+
+  async upstreams(): Promise<UpstreamStatus[]> {
+    this.check();
+    return structuredClone(this.upstreamList);
+  }
+
   async close(): Promise<void> {}
+}
+
+/**
+ * FakeEdgeDataPlane is the test double of the edge data plane: it records every desired state
+ * it accepted (`applied`, deep copies; `current` is the last), serves `statuses` from status(),
+ * and {@link FakeEdgeDataPlane.failNext} makes the next apply throw (nothing recorded).
+ */
+export class FakeEdgeDataPlane implements EdgeDataPlane {
+  readonly applied: EdgeDesired[] = [];
+  current: EdgeDesired | undefined;
+  statuses: RouteStatus[] = [];
+  started = false;
+  stopped = false;
+  private failure: string | undefined;
+
+  /** failNext makes the next apply throw CAPSULE_COMMAND_FAILED with `message`. */
+  failNext(message: string): this {
+    this.failure = message;
+    return this;
+  }
+
+  async start(): Promise<void> {
+    this.started = true;
+  }
+
+  async apply(d: EdgeDesired): Promise<void> {
+    const why = this.failure;
+    if (why !== undefined) {
+      this.failure = undefined;
+      throw new CapsuleError(ErrorCode.CommandFailed, why);
+    }
+    this.current = structuredClone(d);
+    this.applied.push(structuredClone(d));
+  }
+
+  async status(): Promise<RouteStatus[]> {
+    return structuredClone(this.statuses);
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+  }
+
+  async shutdown(): Promise<void> {
+    this.stopped = true;
+  }
 }

@@ -15,17 +15,24 @@
  *   internal CA live there and survive restarts.
  * - `apps.pki.certificate_authorities.local.install_trust` is false: the internal CA must never
  *   be added to the host's trust store.
- * - `apps.http.servers.edge` listens on the HTTPS port only; Caddy's automatic HTTPS then
- *   serves TLS for every host matcher and adds the HTTP→HTTPS redirect server on `http_port`
- *   itself (and answers ACME HTTP challenges there).
+ * - `apps.http.servers.edge` listens on the HTTPS port only, on `httpsHost` when given (the edge
+ *   data plane puts it on an internal loopback address behind HAProxy, see ./handoff.ts);
+ *   Caddy's automatic HTTPS then serves TLS for every host matcher. Its automatic redirects are
+ *   off (`disable_redirects`): they would listen on `httpsHost`'s address only and redirect to
+ *   that port. Instead `apps.http.servers.edge-http` listens on `:<httpPort>` with automatic
+ *   HTTPS disabled and 308-redirects every request to `https://{host}{uri}` (with `:<httpsPort>`
+ *   only when that is not 443). Caddy still answers ACME HTTP-01 challenges on that server
+ *   before any route runs (checked against pebble, test/root/edge-dataplane.test.ts).
+ * - `logging.logs.default` writes Caddy's JSON log to `logFile` when given, so the edge can read
+ *   ACME failures back ("could not get certificate from issuer").
  * - One route per host: a `host` matcher, a `reverse_proxy` to the upstream over the fabric with
  *   active (HTTP `GET /` every {@link ACTIVE_INTERVAL}, 2xx/3xx healthy) and passive health
  *   checks. `trusted_proxies` is left unset on purpose: Caddy 2.6 then ignores any
  *   X-Forwarded-For a visitor sends and sets it to the visitor's address, which is what the
  *   workload sees. A final catch-all route answers 404 for unknown hosts.
  * - `apps.tls.automation.policies` has one policy whose subjects are exactly the routed hosts,
- *   issuing with the ACME issuer (`ca` = the directory URL, `email` when given) or with the
- *   `internal` issuer (Caddy's local CA) when the CA is "internal". With no routes the policy and
+ *   issuing with the ACME issuer (`ca` = the directory URL, `email` when given,
+ *   `trusted_roots_pem_files` = [`acmeCaRoot`] when given) or with the `internal` issuer (Caddy's local CA) when the CA is "internal". With no routes the policy and
  *   the hosts are absent: the config is valid, keeps admin and storage, and serves nothing.
  */
 import { invalidArgument } from "../errors.js";
@@ -55,20 +62,29 @@ export interface PlanOptions {
   acmeCa: string;
   /** email is the ACME account contact; unset = no contact (ignored with the internal CA). */
   email?: string | undefined;
-  /** httpPort is where Caddy redirects to HTTPS and answers ACME HTTP challenges. */
+  /** acmeCaRoot is a PEM file of extra roots for the ACME directory's TLS; unset = system roots (ignored with the internal CA). */
+  acmeCaRoot?: string | undefined;
+  /** httpPort is where Caddy redirects to HTTPS and answers ACME HTTP challenges (all addresses). */
   httpPort: number;
-  /** httpsPort is where Caddy serves the routes. */
+  /** httpsPort is the port visitors use for HTTPS and the one Caddy's TLS server listens on. */
   httpsPort: number;
+  /** httpsHost is the IPv4 address Caddy's TLS server binds; unset = all addresses. */
+  httpsHost?: string | undefined;
+  /** logFile is the absolute path of Caddy's JSON log; unset = Caddy's default (stderr). */
+  logFile?: string | undefined;
   /** routes: empty is valid (a config that serves nothing). */
   routes: readonly EdgeRoute[];
 }
 
-/** EDGE_SERVER is the name of the one HTTP server in the plan. */
+/** EDGE_SERVER is the name of the HTTPS server in the plan. */
 export const EDGE_SERVER = "edge";
+/** REDIRECT_SERVER is the name of the plain-HTTP server (ACME HTTP-01 and redirects). */
+export const REDIRECT_SERVER = "edge-http";
 /** ACTIVE_INTERVAL is how often Caddy probes each upstream. */
 export const ACTIVE_INTERVAL = "5s";
 
-const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
+/** IPV4 matches a dotted-quad IPv4 address. */
+export const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
 const LABEL = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 const NAME = /^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$/;
 const EMAIL = /^[^\s@]+@[^\s@]+\.[^\s@]+$/;
@@ -111,9 +127,16 @@ function checkAbsolute(field: string, p: string): void {
 }
 
 /** issuerFor is the TLS issuer module for `acmeCa` (see {@link PlanOptions.acmeCa}). */
-function issuerFor(acmeCa: string, email: string | undefined): Record<string, unknown> {
+function issuerFor(
+  acmeCa: string,
+  email: string | undefined,
+  root: string | undefined,
+): Record<string, unknown> {
   if (acmeCa === ACME_INTERNAL) return { module: "internal" };
-  return email ? { module: "acme", ca: acmeCa, email } : { module: "acme", ca: acmeCa };
+  const issuer: Record<string, unknown> = { module: "acme", ca: acmeCa };
+  if (email) issuer["email"] = email;
+  if (root) issuer["trusted_roots_pem_files"] = [root];
+  return issuer;
 }
 
 /**
@@ -122,7 +145,8 @@ function issuerFor(acmeCa: string, email: string | undefined): Record<string, un
  * same order; routes are sorted by host. Throws CAPSULE_INVALID_ARGUMENT naming the field on a
  * relative path, an over-long admin socket path, a CA that is neither "internal" nor an
  * http(s) URL, a malformed email, a bad or shared port, a host that is not a DNS name or is
- * routed twice, a malformed upstream, or an empty workload/capsule name.
+ * routed twice, a malformed upstream, an empty workload/capsule name, a relative log file or
+ * CA root, or an `httpsHost` that is not an IPv4 address.
  */
 export function planCaddyConfig(opts: PlanOptions): Record<string, unknown> {
   checkAbsolute("adminSocket", opts.adminSocket);
@@ -150,6 +174,10 @@ export function planCaddyConfig(opts: PlanOptions): Record<string, unknown> {
   checkPort("httpsPort", opts.httpsPort);
   if (opts.httpPort === opts.httpsPort)
     throw invalidArgument("httpsPort", `${opts.httpsPort} is also the httpPort`);
+  if (opts.httpsHost !== undefined && !IPV4.test(opts.httpsHost))
+    throw invalidArgument("httpsHost", `"${opts.httpsHost}" is not an IPv4 address`);
+  if (opts.logFile !== undefined) checkAbsolute("logFile", opts.logFile);
+  if (opts.acmeCaRoot !== undefined) checkAbsolute("acmeCaRoot", opts.acmeCaRoot);
 
   const byHost = new Map<string, { host: string; upstream: string }>();
   for (const r of opts.routes) {
@@ -182,24 +210,59 @@ export function planCaddyConfig(opts: PlanOptions): Record<string, unknown> {
   }));
   httpRoutes.push({ handle: [{ handler: "static_response", status_code: 404 }] });
 
+  const portSuffix = opts.httpsPort === 443 ? "" : `:${opts.httpsPort}`;
   const apps: Record<string, unknown> = {
     http: {
       http_port: opts.httpPort,
       https_port: opts.httpsPort,
-      servers: { [EDGE_SERVER]: { listen: [`:${opts.httpsPort}`], routes: httpRoutes } },
+      servers: {
+        [EDGE_SERVER]: {
+          listen: [`${opts.httpsHost ?? ""}:${opts.httpsPort}`],
+          routes: httpRoutes,
+          automatic_https: { disable_redirects: true },
+        },
+        [REDIRECT_SERVER]: {
+          listen: [`:${opts.httpPort}`],
+          routes: [
+            {
+              handle: [
+                {
+                  handler: "static_response",
+                  status_code: 308,
+                  headers: { Location: [`https://{http.request.host}${portSuffix}{http.request.uri}`] },
+                },
+              ],
+            },
+          ],
+          automatic_https: { disable: true },
+        },
+      },
     },
     pki: { certificate_authorities: { local: { install_trust: false } } },
   };
   if (hosts.length > 0) {
     apps["tls"] = {
-      automation: { policies: [{ subjects: hosts, issuers: [issuerFor(opts.acmeCa, opts.email)] }] },
+      automation: {
+        policies: [{ subjects: hosts, issuers: [issuerFor(opts.acmeCa, opts.email, opts.acmeCaRoot)] }],
+      },
     };
   }
-  return {
+  const config: Record<string, unknown> = {
     admin: { listen: `unix/${opts.adminSocket}`, config: { persist: false } },
     storage: { module: "file_system", root: opts.storageDir },
-    apps,
   };
+  if (opts.logFile !== undefined)
+    config["logging"] = {
+      logs: {
+        default: {
+          writer: { output: "file", filename: opts.logFile, roll_size_mb: 10, roll_keep: 3 },
+          encoder: { format: "json" },
+          level: "INFO",
+        },
+      },
+    };
+  config["apps"] = apps;
+  return config;
 }
 
 /**

@@ -1,5 +1,6 @@
 // The edge plan: the whole Caddy config for a set of routes (golden JSON for two hosts, internal
-// vs ACME CA, no routes), determinism, and validation errors that name the field.
+// vs ACME CA, no routes), the data plane's options (internal listener, log file, ACME roots,
+// redirect port), determinism, and validation errors that name the field.
 import t from "tap";
 import { isCapsuleError } from "../../src/errors.js";
 import { canonicalJson, type EdgeRoute, type PlanOptions, planCaddyConfig } from "../../src/edge/plan.js";
@@ -34,6 +35,22 @@ const proxy = (dial: string) => ({
   },
 });
 
+const REDIRECT = {
+  listen: [":80"],
+  routes: [
+    {
+      handle: [
+        {
+          handler: "static_response",
+          status_code: 308,
+          headers: { Location: ["https://{http.request.host}{http.request.uri}"] },
+        },
+      ],
+    },
+  ],
+  automatic_https: { disable: true },
+};
+
 const golden = (issuer: unknown) => ({
   admin: { listen: "unix//var/lib/capsule/caddy/admin.sock", config: { persist: false } },
   storage: { module: "file_system", root: "/var/lib/capsule/caddy/storage" },
@@ -59,7 +76,9 @@ const golden = (issuer: unknown) => ({
             },
             { handle: [{ handler: "static_response", status_code: 404 }] },
           ],
+          automatic_https: { disable_redirects: true },
         },
+        "edge-http": REDIRECT,
       },
     },
     pki: { certificate_authorities: { local: { install_trust: false } } },
@@ -87,10 +106,82 @@ t.test("no routes: admin and storage kept, nothing served, no TLS policy", async
   const apps = c["apps"] as Record<string, unknown>;
   t.notOk("tls" in apps);
   t.strictSame((apps["http"] as { servers: unknown }).servers, {
-    edge: { listen: [":443"], routes: [{ handle: [{ handler: "static_response", status_code: 404 }] }] },
+    edge: {
+      listen: [":443"],
+      routes: [{ handle: [{ handler: "static_response", status_code: 404 }] }],
+      automatic_https: { disable_redirects: true },
+    },
+    "edge-http": REDIRECT,
   });
   t.same(c["admin"], { listen: "unix//var/lib/capsule/caddy/admin.sock", config: { persist: false } });
 });
+
+t.test(
+  "data plane options: internal listener, log file, ACME roots, non-default redirect port",
+  async (t) => {
+    const ca = "https://198.51.100.2:14000/dir";
+    const c = planCaddyConfig({
+      ...BASE,
+      acmeCa: ca,
+      email: "ops@example.com",
+      acmeCaRoot: "/etc/capsule/acme-root.pem",
+      httpsHost: "127.0.44.3",
+      httpsPort: 8443,
+      logFile: "/var/lib/capsule/caddy/events.log",
+      routes: [WEB],
+    });
+    const http = (
+      c["apps"] as Record<string, { servers: Record<string, { listen: string[]; routes: unknown[] }> }>
+    )["http"]!;
+    t.strictSame(http.servers["edge"]!.listen, ["127.0.44.3:8443"]);
+    t.strictSame(http.servers["edge-http"]!.routes, [
+      {
+        handle: [
+          {
+            handler: "static_response",
+            status_code: 308,
+            headers: { Location: ["https://{http.request.host}:8443{http.request.uri}"] },
+          },
+        ],
+      },
+    ]);
+    t.strictSame(c["logging"], {
+      logs: {
+        default: {
+          writer: {
+            output: "file",
+            filename: "/var/lib/capsule/caddy/events.log",
+            roll_size_mb: 10,
+            roll_keep: 3,
+          },
+          encoder: { format: "json" },
+          level: "INFO",
+        },
+      },
+    });
+    t.strictSame((c["apps"] as { tls: unknown }).tls, {
+      automation: {
+        policies: [
+          {
+            subjects: ["www.example.com"],
+            issuers: [
+              {
+                module: "acme",
+                ca,
+                email: "ops@example.com",
+                trusted_roots_pem_files: ["/etc/capsule/acme-root.pem"],
+              },
+            ],
+          },
+        ],
+      },
+    });
+    // The internal CA ignores the ACME root.
+    const internal = planCaddyConfig({ ...BASE, acmeCaRoot: "/etc/capsule/acme-root.pem", routes: [WEB] });
+    t.match(JSON.stringify(internal), /"issuers":\[\{"module":"internal"\}\]/);
+    t.notOk("logging" in planCaddyConfig({ ...BASE, routes: [] }), "no log file: Caddy's default logging");
+  },
+);
 
 t.test("deterministic: route order and repeated calls give identical JSON", async (t) => {
   const a = JSON.stringify(planCaddyConfig({ ...BASE, routes: [WEB, API] }));
@@ -116,6 +207,9 @@ t.test("validation names the field", async (t) => {
     ["port 0", { httpPort: 0 }, "httpPort"],
     ["port too big", { httpsPort: 70000 }, "httpsPort"],
     ["same ports", { httpPort: 443 }, "httpsPort"],
+    ["httpsHost not IPv4", { httpsHost: "localhost" }, "httpsHost"],
+    ["relative log file", { logFile: "events.log" }, "logFile"],
+    ["relative ACME root", { acmeCaRoot: "root.pem" }, "acmeCaRoot"],
     ["single label host", { routes: [{ ...WEB, host: "localhost" }] }, "routes.host"],
     ["IP as host", { routes: [{ ...WEB, host: "10.0.0.1" }] }, "routes.host"],
     ["wildcard host", { routes: [{ ...WEB, host: "*.example.com" }] }, "routes.host"],
