@@ -9,9 +9,13 @@ import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { formatError } from "../src/errors.js";
 import { buildImageArchive } from "./images.js";
-import { capsulectl, formatStatus, labStatus, labUp } from "./lab.js";
+import { labCaRoot } from "./ca.js";
+import { capsulectl, formatStatus, labExec, labStatus, labUp } from "./lab.js";
 
 const say = (s = "") => process.stdout.write(`${s}\n`);
+
+/** DEMO_HOST is the name web is published under (the lab DNS points *.capsule.test at the edge). */
+const DEMO_HOST = "web.capsule.test";
 
 async function main(): Promise<void> {
   say(
@@ -127,8 +131,33 @@ async function main(): Promise<void> {
   if (got.exitCode === 0) process.stdout.write(got.stdout);
   else say(`(no answer: exit ${got.exitCode}${got.stderr.trim() ? `, ${got.stderr.trim()}` : ""})`);
   say();
-  say("What comes next: publish a workload at the edge (capsulectl expose ... --edge edge) for the");
-  say("visitor in the client namespace.");
+  // Publish web (on homeA, behind NAT, no port forward) at the edge: HTTPS with a certificate
+  // from the lab's ACME CA, visitors resolving the name through the lab's DNS.
+  say("Publishing web at the edge: homeA is behind NAT with no port forward; the edge terminates");
+  say("HTTPS with a certificate from the lab's ACME CA and proxies over the fabric to web's address.");
+  await ctl(["--capsule", "homeA", "expose", "web", "--edge", "edge", "--host", DEMO_HOST, "--port", "8080"]);
+  const caRoot = labCaRoot(plan.labDir);
+  const curlArgs = ["curl", "-sS", "--max-time", "5", "--cacert", caRoot, `https://${DEMO_HOST}/`];
+  let served = "";
+  const until = Date.now() + 30_000;
+  while (Date.now() < until) {
+    const r = await labExec("client", curlArgs, { prefix: plan.prefix, labDir: plan.labDir });
+    if (r.exitCode === 0) {
+      served = r.stdout;
+      break;
+    }
+    await new Promise((res) => setTimeout(res, 250));
+  }
+  await ctl(["--capsule", "edge", "edge", "list"]);
+  say(`$ npm run lab -- exec client -- ${curlArgs.join(" ")}`);
+  if (served) process.stdout.write(served);
+  else {
+    say("(no answer within 30 s: see `npm run lab -- ctl -- --capsule edge edge list -o wide`)");
+    process.exitCode = 1;
+  }
+  say();
+  say("From the lab's internet client (the visitor), this works:");
+  say(`  npm run lab -- exec client -- ${curlArgs.join(" ")}`);
   say();
   say("Try it:");
   say("  npm run lab -- ctl -- --capsule homeA capsule info       # capsulectl as the operator");

@@ -63,6 +63,12 @@ export interface ImageOptions {
   env?: string[];
   /** architecture: unset = this host's. */
   architecture?: string;
+  /**
+   * hostBinaries are host executables copied in at the same path, with the shared libraries
+   * `ldd` lists for them (e.g. "/usr/bin/openssl" for a workload that serves its own TLS);
+   * unset = none.
+   */
+  hostBinaries?: string[];
 }
 
 /** BuiltImage is what {@link buildImageArchive} wrote. */
@@ -103,6 +109,14 @@ export async function buildImageArchive(
     for (const [p, content] of Object.entries(files)) {
       await mkdir(join(root, p, ".."), { recursive: true });
       await writeFile(join(root, p), content);
+    }
+    for (const bin of opts.hostBinaries ?? []) {
+      const ldd = (await host.run(["ldd", bin])).stdout;
+      const libs = [...ldd.matchAll(/(?:=>\s*)?(\/\S+)\s+\(0x/g)].map((m) => m[1] as string);
+      for (const f of [bin, ...libs]) {
+        await mkdir(join(root, f, ".."), { recursive: true });
+        await writeFile(join(root, f), await readFile(f), { mode: 0o755 });
+      }
     }
     const layerTar = join(work, "layer.tar");
     await host.run(["tar", "-C", root, ...TAR_FLAGS, "-cf", layerTar, "."]);

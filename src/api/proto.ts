@@ -4,12 +4,13 @@ import { fileURLToPath } from "node:url";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import type { ProtoGrpcType as CapsuleProto } from "../gen/capsule.js";
+import type { ProtoGrpcType as EdgeProto } from "../gen/edge.js";
 import type { ProtoGrpcType as FabricProto } from "../gen/fabric.js";
 import type { ProtoGrpcType as PolicyProto } from "../gen/policy.js";
 import type { ProtoGrpcType as WorkloadsProto } from "../gen/workloads.js";
 
 /** ProtoGrpcType is every Capsule service, typed from the generated definitions. */
-export type ProtoGrpcType = CapsuleProto & FabricProto & WorkloadsProto & PolicyProto;
+export type ProtoGrpcType = CapsuleProto & FabricProto & WorkloadsProto & PolicyProto & EdgeProto;
 
 /** PROTO_DIR is the repository's proto/ folder (the same from src/ under ts-node and from dist/src/). */
 export const PROTO_DIR = findProtoDir();
@@ -44,6 +45,7 @@ export function loadProto(): ProtoGrpcType {
         "capsule/v1/fabric.proto",
         "capsule/v1/workloads.proto",
         "capsule/v1/policy.proto",
+        "capsule/v1/edge.proto",
       ],
       LOADER_OPTIONS,
     );

@@ -36,6 +36,8 @@ import {
   policyTest,
 } from "./commands/policy.js";
 import { volumeCreate, volumeDelete, volumeList } from "./commands/volume.js";
+import { edgeList } from "./commands/edge.js";
+import { expose, type ExposeFlags, unexpose, type UnexposeFlags } from "./commands/expose.js";
 import {
   apply,
   type LifecycleVerb,
@@ -357,6 +359,37 @@ export function buildProgram(io: CliIO, state: { exitCode: number }): Command {
     .description("delete a volume no workload uses (idempotent)")
     .argument("<name>")
     .action(act((s, name: string) => volumeDelete(s, name)));
+
+  program
+    .command("expose")
+    .description(
+      "publish a workload at an edge: HTTPS by host name (ACME certificate), TLS passthrough by SNI, or raw TCP",
+    )
+    .argument("<workload>", "a workload on the target capsule")
+    .requiredOption("--edge <edge>", "the edge capsule's name")
+    .option("--host <name>", "the DNS name visitors use (pointed at the edge's public address)")
+    .option("--port <port>", "the workload's port")
+    .option(
+      "--passthrough",
+      "route TLS by SNI to the workload without terminating it (it has its own certificate)",
+    )
+    .option("--tcp <public:port>", "raw TCP: the edge's public port and the workload's port (e.g. 2222:22)")
+    .action(act((s, workload: string, opts: ExposeFlags) => expose(s, workload, opts)));
+  program
+    .command("unexpose")
+    .description("stop publishing a workload at an edge, and drop its allow rule (idempotent)")
+    .argument("<workload>")
+    .requiredOption("--edge <edge>", "the edge capsule's name")
+    .option("--host <name>", "the exposed host name")
+    .option("--tcp <public>", "the exposed public TCP port")
+    .action(act((s, workload: string, opts: UnexposeFlags) => unexpose(s, workload, opts)));
+  const edge = program.command("edge").description("routes at edges");
+  edge
+    .command("list")
+    .description(
+      "routes (on an edge) or exposures: host or port, workload, capsule, upstream, certificate, health",
+    )
+    .action(act((s) => edgeList(s)));
 
   const policy = program
     .command("policy")

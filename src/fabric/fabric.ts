@@ -118,6 +118,11 @@ export interface FabricOptions {
   keySwitchGraceMs?: number;
   /** onChange is told after every applied change of peers or inventories (policy and edge recompile). */
   onChange?: () => void;
+  /**
+   * visitorGateway names the peer (an edge) whose AllowedIPs also take 0.0.0.0/0, so that
+   * visitors it forwards with their own address (`expose --tcp`) are accepted; unset = none.
+   */
+  visitorGateway?: () => string | undefined;
   /** onAddressChange is told when this capsule's fabric address is (re)assigned, e.g. to listen on it. */
   onAddressChange?: (address: string) => void;
 }
@@ -672,7 +677,11 @@ export class Fabric {
         addresses: p.inventory.map((e) => e.address),
         relayVia: p.relayVia,
       }));
-      const plan = planPeers(!this.o.self.endpoint, states);
+      const gwName = this.o.visitorGateway?.();
+      const gw = gwName === undefined ? undefined : peers.find((p) => p.name === gwName && !p.relayVia);
+      if (gwName !== undefined && !gw)
+        this.o.log.warn({ edge: gwName }, "visitor gateway is not a direct peer");
+      const plan = planPeers(!this.o.self.endpoint, states, gw?.capsuleId);
       this.lastWarnings = [
         ...plan.conflicts.map(
           (c) => `address ${c.address} claimed by ${c.keptBy} and ${c.droppedFrom}; kept by ${c.keptBy}`,

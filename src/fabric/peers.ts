@@ -49,8 +49,18 @@ const byIp = (a: string, b: string) => {
  * added to its hub's AllowedIPs, so packets go through the hub and cryptokey routing still
  * accepts its source only from that path. Keepalive is set towards peers with an endpoint
  * when this capsule itself has none (it must keep its NAT mapping open).
+ *
+ * `visitorGateway` (a direct peer's capsule id) also gets 0.0.0.0/0: internet visitors that an
+ * edge DNATs to a workload here (`expose --tcp`) keep their own source address, and cryptokey
+ * routing must accept those sources from that edge, and only from it. Longer prefixes (every
+ * other peer's /32s) still win for fabric destinations; nothing is routed by it unless a route
+ * points at the interface (see the visitor return path).
  */
-export function planPeers(selfBehindNat: boolean, peers: readonly PeerState[]): PeerPlan {
+export function planPeers(
+  selfBehindNat: boolean,
+  peers: readonly PeerState[],
+  visitorGateway?: string,
+): PeerPlan {
   const sorted = [...peers].sort(
     (a, b) => a.name.localeCompare(b.name) || a.capsuleId.localeCompare(b.capsuleId),
   );
@@ -83,6 +93,8 @@ export function planPeers(selfBehindNat: boolean, peers: readonly PeerState[]): 
       target.allowedIps.push(`${addr}/32`);
     }
   }
+  const gw = visitorGateway === undefined ? undefined : direct.get(visitorGateway);
+  if (gw) gw.allowedIps.push("0.0.0.0/0");
   const out = [...direct.values()].map((w) => ({ ...w, allowedIps: [...new Set(w.allowedIps)].sort(byIp) }));
   out.sort((a, b) => a.publicKey.localeCompare(b.publicKey));
   return { peers: out, conflicts, unroutable };

@@ -17,6 +17,14 @@ import { imageService } from "./api/image-service.js";
 import { policyService } from "./api/policy-service.js";
 import { volumeService } from "./api/volume-service.js";
 import { workloadService } from "./api/workload-service.js";
+import { edgeService } from "./api/edge-service.js";
+import { HostEdgeDataPlane } from "../edge/dataplane.js";
+import { EdgeRoutes } from "../edge/manager.js";
+import { RouteRepo } from "../edge/repo.js";
+import { FabricEdgeLink } from "./expose/link.js";
+import { Exposures } from "./expose/manager.js";
+import { ExposureRepo } from "./expose/repo.js";
+import { ReturnPath } from "./expose/return-path.js";
 import { Authenticator } from "./auth.js";
 import { ClaimWindow } from "./claim.js";
 import type { DaemonConfig } from "./config.js";
@@ -137,6 +145,9 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
   const wildcard = config.listen.host === "0.0.0.0" || config.listen.host === "::";
   let fabric: Fabric | undefined;
   let policies: Policies | undefined;
+  let exposures: Exposures | undefined;
+  let edgeRoutes: EdgeRoutes | undefined;
+  const exposureRepo = new ExposureRepo(store);
   if (config.fabric) {
     fabric = new Fabric({
       repo: fabricRepo,
@@ -169,6 +180,9 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
       // Peers, inventories and this capsule's own reservations (workloads created or deleted)
       // all change what policy allows: recompile (debounced).
       onChange: () => policies?.changed(),
+      // TCP exposures keep the visitor's address: the edge they go through must be allowed to
+      // send non-fabric sources (see src/node/expose/return-path.ts).
+      visitorGateway: () => exposures?.visitorGateway(),
       // Peers call this capsule's API at its fabric address: listen there too (unless --listen
       // already covers every address).
       onAddressChange: (address) => {
@@ -196,6 +210,7 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
       fabric
         ? meshOf(fabric.inventory(), fabric.peerInventories())
         : { self: config.name, capsules: [], workloads: [] },
+    implicit: () => exposures?.implicit() ?? [],
     fabricIface: config.fabricIface,
     clock,
     log,
@@ -248,6 +263,34 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
   );
   server.addService(proto.capsule.v1.Volumes.service, volumeService({ ...deps, volumes }));
   server.addService(proto.capsule.v1.Policies.service, policyService({ ...deps, policies: policyMgr }));
+  server.addService(
+    proto.capsule.v1.Edge.service,
+    edgeService({
+      ...deps,
+      selfName: config.name,
+      repo: fabricRepo,
+      routes: () => edgeRoutes,
+      exposures: () => exposures,
+    }),
+  );
+  if (fabric) {
+    const f = fabric;
+    exposures = new Exposures({
+      repo: exposureRepo,
+      address: (name) => new WorkloadRepo(store).get(name)?.address,
+      edges: new FabricEdgeLink({
+        selfName: config.name,
+        selfId: identity.id,
+        local: () => edgeRoutes,
+        repo: fabricRepo,
+        caller,
+      }),
+      enforce: () => policyMgr.reconcile(),
+      visitorsChanged: () => (f.isStarted() ? f.apply() : Promise.resolve()),
+      clock,
+      log,
+    });
+  }
   port = await bind(hostPortText(config.listen.host, config.listen.port));
 
   let metricsServer: HttpServer | undefined;
@@ -317,6 +360,56 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     }
   };
 
+  // An edge serves its stored routes again (Caddy and HAProxy adopted when they still run, so
+  // a capsuled restart interrupts nothing). Retried with backoff, never fatal.
+  let edgeRetry: NodeJS.Timeout | undefined;
+  const startEdge = async (attempt: number): Promise<void> => {
+    if (!config.edge || !config.fabric || stopping) return;
+    try {
+      const publicAddress = config.publicAddress;
+      if (!publicAddress)
+        throw new CapsuleError(ErrorCode.InvalidConfig, "an edge needs the address visitors reach", {
+          hint: "give --public-address IP (or --endpoint HOST:PORT)",
+        });
+      const routes = new EdgeRoutes({
+        repo: new RouteRepo(store),
+        dataplane: new HostEdgeDataPlane({
+          stateDir: config.stateDir,
+          runner,
+          spawner: new DetachedSpawner(),
+          clock,
+          log,
+          publicAddress,
+          fabricIface: config.fabricIface,
+          acmeCa: config.acmeCa,
+          ...(config.acmeCaRoot ? { acmeCaRoot: config.acmeCaRoot } : {}),
+          ...(config.acmeEmail ? { acmeEmail: config.acmeEmail } : {}),
+        }),
+        publicAddress,
+        reservedPorts: () => [
+          { port: 80, what: "HTTP" },
+          { port: 443, what: "HTTPS" },
+          { port, what: "the capsule API" },
+          ...(config.metrics ? [{ port: config.metrics.port, what: "metrics" }] : []),
+          ...new WorkloadRepo(store)
+            .hostPorts()
+            .filter((h) => h.protocol === "tcp")
+            .map((h) => ({ port: h.hostPort, what: `hostPort of workload ${h.workload}` })),
+        ],
+        clock,
+        log,
+      });
+      await routes.start();
+      if (stopping) return;
+      edgeRoutes = routes;
+    } catch (e) {
+      const delay = Math.min(30_000, 1000 * 2 ** attempt);
+      log.error({ err: (e as Error).message, retryInMs: delay }, "edge start failed");
+      edgeRetry = setTimeout(() => void startEdge(attempt + 1), delay);
+      edgeRetry.unref();
+    }
+  };
+
   // The fabric comes up after the API so a broken data plane can still be diagnosed remotely;
   // a failure is retried with backoff, never fatal.
   let fabricRetry: NodeJS.Timeout | undefined;
@@ -324,8 +417,12 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     if (!fabric) return;
     try {
       await fabric.start();
+      await new ReturnPath({ runner, fabricIface: config.fabricIface })
+        .ensure()
+        .catch((e: Error) => log.error({ err: e.message }, "visitor return path not installed"));
       policyMgr.changed();
       void startRuntime(0);
+      void startEdge(0);
     } catch (e) {
       const delay = Math.min(30_000, 1000 * 2 ** attempt);
       log.error({ err: (e as Error).message, retryInMs: delay }, "fabric start failed");
@@ -351,6 +448,8 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
       if (fabricRetry) clearTimeout(fabricRetry);
       stopping = true;
       if (runtimeRetry) clearTimeout(runtimeRetry);
+      if (edgeRetry) clearTimeout(edgeRetry);
+      await edgeRoutes?.stop();
       runtime?.reconciler.stop();
       fabric?.stop();
       caller.close();

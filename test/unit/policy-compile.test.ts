@@ -101,6 +101,11 @@ table inet capsule_policy {
 		elements = { 100.64.2.1 . 100.64.1.3, 100.64.2.2 . 100.64.1.3 }
 	}
 
+	set allow_visitors_tcp {
+		type ipv4_addr . inet_service
+		flags interval
+	}
+
 	map drop_counters {
 		type ipv4_addr : counter
 		elements = { 100.64.1.2 : "wl_web", 100.64.1.3 : "wl_db", 100.64.1.10 : "wl_metrics_db" }
@@ -115,6 +120,7 @@ table inet capsule_policy {
 		ct state related meta l4proto icmp accept
 		ct status dnat accept
 		ip saddr . ip daddr . tcp dport @allow_tcp accept
+		iifname "capsule0" ip saddr != 100.64.0.0/10 ip daddr . tcp dport @allow_visitors_tcp accept
 		ip saddr . ip daddr . udp dport @allow_udp accept
 		meta l4proto icmp ip saddr . ip daddr @allow_icmp accept
 		counter name ip daddr map @drop_counters drop
@@ -166,6 +172,7 @@ t.test("compilePolicy: no policy, no workloads: empty sets, everything to the fa
     tcp: [],
     udp: [],
     icmp: [],
+    visitorsTcp: [],
     local: [],
   });
   t.same(

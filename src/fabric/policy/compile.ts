@@ -113,6 +113,8 @@ export interface PolicyIR {
   tcp: PortEntry[];
   udp: PortEntry[];
   icmp: AddressPair[];
+  /** visitorsTcp: local destination . port ranges internet visitors may reach through the fabric (see ImplicitRule.visitors). */
+  visitorsTcp: { dst: string; from: number; to: number }[];
   /** local lists the workloads on this capsule, sorted by address. */
   local: LocalWorkload[];
 }
@@ -225,6 +227,13 @@ function buildIR(input: PolicyCompileInput): PolicyIR {
   const ports = { tcp: new Map<string, [number, number][]>(), udp: new Map<string, [number, number][]>() };
   const icmp = new Map<string, AddressPair>();
   const index = new MeshIndex(mesh);
+  const visitors = new Map<string, [number, number][]>();
+  for (const r of input.implicit) {
+    if (!r.visitors) continue;
+    for (const dst of index.resolve(r.rule.to).filter((a) => localAddrs.has(a)))
+      for (const p of r.rule.ports)
+        if (p.proto === "tcp") visitors.set(dst, [...(visitors.get(dst) ?? []), [p.from, p.to]]);
+  }
   for (const { rule } of rankedRules(input.policies, input.implicit)) {
     const dsts = index.resolve(rule.to).filter((a) => localAddrs.has(a));
     if (dsts.length === 0) continue;
@@ -258,6 +267,9 @@ function buildIR(input: PolicyCompileInput): PolicyIR {
     tcp: entries(ports.tcp),
     udp: entries(ports.udp),
     icmp: [...icmp.values()].sort(pairOrder),
+    visitorsTcp: [...visitors.entries()]
+      .sort(([a], [b]) => compareIPv4(a, b))
+      .flatMap(([dst, ranges]) => mergeRanges(ranges).map(([from, to]) => ({ dst, from, to }))),
     local,
   };
 }
@@ -305,6 +317,12 @@ export function renderPolicyTable(
     false,
     ir.icmp.map((e) => `${e.src} . ${e.dst}`),
   );
+  set(
+    "allow_visitors_tcp",
+    "ipv4_addr . inet_service",
+    true,
+    ir.visitorsTcp.map((e) => `${e.dst} . ${e.from === e.to ? `${e.from}` : `${e.from}-${e.to}`}`),
+  );
   lines.push("\tmap drop_counters {", "\t\ttype ipv4_addr : counter");
   if (ir.local.length)
     lines.push(`\t\telements = { ${ir.local.map((w) => `${w.address} : "${w.counter}"`).join(", ")} }`);
@@ -320,6 +338,7 @@ export function renderPolicyTable(
     "\t\tct state related meta l4proto icmp accept",
     "\t\tct status dnat accept",
     "\t\tip saddr . ip daddr . tcp dport @allow_tcp accept",
+    `\t\tiifname "${ir.fabricIface}" ip saddr != ${ir.fabricCidr} ip daddr . tcp dport @allow_visitors_tcp accept`,
     "\t\tip saddr . ip daddr . udp dport @allow_udp accept",
     "\t\tmeta l4proto icmp ip saddr . ip daddr @allow_icmp accept",
     "\t\tcounter name ip daddr map @drop_counters drop",
@@ -358,6 +377,8 @@ export interface CompiledPacket extends PacketTuple {
   reply?: boolean;
   /** dnat: the flow was DNATed by a hostPort publish. */
   dnat?: boolean;
+  /** iif is where the packet arrived: the fabric interface, or anything else (unset). */
+  iif?: "fabric" | "other";
 }
 
 /** CompiledVerdict is what the table does with a packet: `judged` when it reached the set lookups; `counter` names the drop counter. */
@@ -381,6 +402,13 @@ export function decideCompiled(ir: PolicyIR, p: CompiledPacket): CompiledVerdict
   const local = ir.local.find((w) => w.address === p.dst);
   if ((p.oif ?? (local ? "local" : "fabric")) === "fabric") return pass;
   if (p.reply || p.dnat) return pass;
+  if (
+    p.proto === "tcp" &&
+    p.iif === "fabric" &&
+    !inCidr(p.src, ir.fabricCidr) &&
+    ir.visitorsTcp.some((e) => e.dst === p.dst && e.from <= p.port && p.port <= e.to)
+  )
+    return { allowed: true, judged: true };
   const hit =
     p.proto === "icmp"
       ? ir.icmp.some((e) => e.src === p.src && e.dst === p.dst)

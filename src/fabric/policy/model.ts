@@ -95,6 +95,14 @@ export interface Mesh {
 export interface ImplicitRule {
   origin: string;
   rule: Rule;
+  /**
+   * visitors: the rule also admits internet visitors forwarded by the `from` edge with their
+   * own (non-fabric) source address kept, i.e. any source outside the fabric arriving on the
+   * fabric interface (`expose --tcp`: the edge DNATs, the visitor's address survives).
+   * WireGuard's cryptokey routing accepts such sources only from the one peer whose AllowedIPs
+   * hold 0.0.0.0/0: the edge. TCP ports only.
+   */
+  visitors?: boolean;
 }
 
 /** RuleRef names a rule: the policy and its 0-based index in `allow`, or an implicit rule's origin. */

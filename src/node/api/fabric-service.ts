@@ -22,7 +22,8 @@ function need(f: Fabric | undefined): Fabric {
   return f;
 }
 
-function callerPeer(d: FabricServiceDeps, ctx: RpcContext) {
+/** callerPeer is the enrolled peer making this call; anyone else is refused. */
+export function callerPeer(d: { repo: FabricRepo }, ctx: RpcContext) {
   const p = ctx.principal?.kind === "peer" ? d.repo.getPeer(ctx.principal.id) : undefined;
   if (!p) throw new CapsuleError(ErrorCode.PermissionDenied, "only an enrolled peer capsule may call this");
   return p;

@@ -100,4 +100,35 @@ export const MIGRATIONS: readonly { version: number; sql: string }[] = [
       ALTER TABLE fabric_peers ADD COLUMN edge INTEGER NOT NULL DEFAULT 0;
     `,
   },
+  {
+    // Edge: what this capsule exposes at edges (its workloads; the implicit allow rules come
+    // from here), and, on an edge, the routes it serves (host or public TCP port -> a peer's
+    // workload on the fabric). Caddy, HAProxy and the edge nft table are rebuilt from
+    // edge_routes on every start.
+    version: 5,
+    sql: `
+      CREATE TABLE exposures (
+        workload    TEXT NOT NULL,
+        edge        TEXT NOT NULL,
+        kind        TEXT NOT NULL CHECK (kind IN ('https', 'passthrough', 'tcp')),
+        host        TEXT NOT NULL DEFAULT '',
+        public_port INTEGER NOT NULL DEFAULT 0,
+        port        INTEGER NOT NULL,
+        upstream    TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        PRIMARY KEY (edge, host, public_port)
+      ) STRICT;
+      CREATE TABLE edge_routes (
+        kind        TEXT NOT NULL CHECK (kind IN ('https', 'passthrough', 'tcp')),
+        host        TEXT NOT NULL DEFAULT '',
+        public_port INTEGER NOT NULL DEFAULT 0,
+        upstream    TEXT NOT NULL,
+        workload    TEXT NOT NULL,
+        capsule     TEXT NOT NULL,
+        capsule_id  TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        PRIMARY KEY (host, public_port)
+      ) STRICT;
+    `,
+  },
 ];
