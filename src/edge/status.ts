@@ -65,7 +65,16 @@ export interface CertEvent {
   error: string;
   /** ts is Caddy's timestamp (seconds since the epoch). */
   ts: number;
+  /** progress is the last step Caddy logged while obtaining (no error yet), e.g. "trying to solve challenge (http-01)". */
+  progress?: string;
 }
+
+/** PROGRESS are the info-level steps of obtaining a certificate that `pending` reports. */
+const PROGRESS = new Set([
+  "obtaining certificate",
+  "trying to solve challenge",
+  "validations succeeded; finalizing order",
+]);
 
 /**
  * lastCertEvents reads Caddy's JSON log lines and returns, per host, the last certificate
@@ -89,7 +98,18 @@ export function lastCertEvents(log: string): Map<string, CertEvent> {
     if (!host) host = /^\[([^\]\s]+)\]/.exec(err)?.[1]?.toLowerCase() ?? "";
     if (!host) continue;
     if (e["msg"] === "certificate obtained successfully") out.set(host, { ok: true, error: "", ts });
-    else if (e["level"] === "error" && err) {
+    else if (typeof e["msg"] === "string" && PROGRESS.has(e["msg"])) {
+      const prev = out.get(host);
+      if (prev && !prev.ok && !prev.progress) continue; // failed stays failed until a success
+      const how = typeof e["challenge_type"] === "string" ? ` (${e["challenge_type"]})` : "";
+      const since = prev?.progress ? prev.ts : ts;
+      out.set(host, {
+        ok: false,
+        error: "",
+        ts: since,
+        progress: `${e["msg"]}${how} since ${new Date(since * 1000).toISOString()}`,
+      });
+    } else if (e["level"] === "error" && err) {
       const msg = typeof e["msg"] === "string" ? e["msg"] : "error";
       out.set(host, { ok: false, error: `${msg}: ${err}`, ts });
     }
@@ -120,6 +140,7 @@ export function certStatus(
       // unreadable certificate: decide from the log
     }
   }
+  if (event?.progress) return { cert: "pending", certDetail: event.progress };
   if (event && !event.ok) return { cert: "failed", certDetail: event.error };
   return { cert: "pending", certDetail: "" };
 }

@@ -179,7 +179,11 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
       },
       // Peers, inventories and this capsule's own reservations (workloads created or deleted)
       // all change what policy allows: recompile (debounced).
-      onChange: () => policies?.changed(),
+      onChange: () => {
+        policies?.changed();
+        // A workload deleted and applied again has a new address: its exposures follow it.
+        void exposures?.resync();
+      },
       // TCP exposures keep the visitor's address: the edge they go through must be allowed to
       // send non-fabric sources (see src/node/expose/return-path.ts).
       visitorGateway: () => exposures?.visitorGateway(),
@@ -423,6 +427,7 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
       policyMgr.changed();
       void startRuntime(0);
       void startEdge(0);
+      void exposures?.resync(true);
     } catch (e) {
       const delay = Math.min(30_000, 1000 * 2 ** attempt);
       log.error({ err: (e as Error).message, retryInMs: delay }, "fabric start failed");

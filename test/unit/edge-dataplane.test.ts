@@ -484,3 +484,50 @@ t.test("FakeEdgeDataPlane records states and fails on demand", async (t) => {
   await f.stop();
   t.ok(f.stopped);
 });
+
+t.test(
+  "certificate status: obtaining steps show as pending with what Caddy is doing; failed stays failed",
+  async (t) => {
+    const line = (o: object) => JSON.stringify(o);
+    const log = [
+      line({
+        level: "info",
+        ts: 100,
+        logger: "tls.obtain",
+        msg: "obtaining certificate",
+        identifier: "a.example.com",
+      }),
+      line({
+        level: "info",
+        ts: 101,
+        msg: "trying to solve challenge",
+        identifier: "a.example.com",
+        challenge_type: "http-01",
+      }),
+      line({
+        level: "error",
+        ts: 102,
+        msg: "could not get certificate from issuer",
+        identifier: "b.example.com",
+        error: "boom",
+      }),
+      line({
+        level: "info",
+        ts: 103,
+        msg: "trying to solve challenge",
+        identifier: "b.example.com",
+        challenge_type: "tls-alpn-01",
+      }),
+    ].join("\n");
+    const ev = lastCertEvents(log);
+    const a = certStatus(undefined, ev.get("a.example.com"), 0);
+    t.same(a, {
+      cert: "pending",
+      certDetail: "trying to solve challenge (http-01) since 1970-01-01T00:01:40.000Z",
+    });
+    t.same(certStatus(undefined, ev.get("b.example.com"), 0), {
+      cert: "failed",
+      certDetail: "could not get certificate from issuer: boom",
+    });
+  },
+);

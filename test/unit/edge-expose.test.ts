@@ -183,9 +183,13 @@ class FakeLink implements EdgeLink {
 
 function exposures(store: Store, link = new FakeLink()) {
   const events: string[] = [];
+  const addresses = new Map([
+    ["web", "100.64.3.2"],
+    ["ssh", "100.64.3.3"],
+  ]);
   const e = new Exposures({
     repo: new ExposureRepo(store),
-    address: (w) => (w === "web" ? "100.64.3.2" : w === "ssh" ? "100.64.3.3" : undefined),
+    address: (w) => addresses.get(w),
     edges: link,
     enforce: async () => {
       events.push(`enforce ${e.implicit().length}`);
@@ -196,7 +200,7 @@ function exposures(store: Store, link = new FakeLink()) {
     clock: new FakeClock(),
     log,
   });
-  return { e, link, events };
+  return { e, link, events, addresses };
 }
 
 const ex = (over: Partial<Parameters<Exposures["expose"]>[0]> = {}) => ({
@@ -393,3 +397,25 @@ t.test("return path and CLI flags", async (t) => {
     message: /--passthrough/,
   });
 });
+
+t.test(
+  "Exposures: resync follows a new address, re-sends everything on start, keeps a gone workload",
+  async (t) => {
+    const { e, link, addresses } = exposures(openStore(t));
+    await e.expose(ex());
+    link.calls.length = 0;
+    await e.resync();
+    t.same(link.calls, [], "nothing changed: nothing sent");
+    await e.resync(true);
+    t.same(link.calls, ["add edge web.capsule.test"], "on start: re-sent");
+    addresses.set("web", "100.64.3.9");
+    await e.resync();
+    t.equal(e.list()[0]?.upstream, "100.64.3.9:8080", "stored upstream follows");
+    t.equal([...link.routes.values()][0]?.upstream, "100.64.3.9:8080", "edge told");
+    addresses.delete("web");
+    link.calls.length = 0;
+    await e.resync(true);
+    t.same(link.calls, [], "a deleted workload's exposure is left alone");
+    t.equal(e.list().length, 1, "and kept until unexposed");
+  },
+);

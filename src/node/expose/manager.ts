@@ -201,6 +201,40 @@ export class Exposures {
     });
   }
 
+  /**
+   * resync re-sends exposures to their edges: every one when `all` (on start: an edge that lost
+   * its state gets it back; unchanged routes cost the edge nothing), otherwise only those whose
+   * workload's address changed (deleted and applied again). An exposure whose workload is gone
+   * stays (the edge reports it unhealthy) until it is unexposed or the workload is back. Best
+   * effort: failures are logged and retried at the next resync.
+   */
+  resync(all = false): Promise<void> {
+    return this.serial(async () => {
+      for (const row of this.o.repo.list()) {
+        const address = this.o.address(row.workload);
+        if (address === undefined) continue;
+        const upstream = `${address}:${row.port}`;
+        if (!all && upstream === row.upstream) continue;
+        const next = { ...row, upstream };
+        try {
+          await this.o.edges.addRoute(row.edge, wireOf(next));
+          if (upstream !== row.upstream) {
+            this.o.repo.store.tx(() => this.o.repo.put(next));
+            this.o.log.info(
+              { workload: row.workload, edge: row.edge, upstream },
+              "exposure follows the new address",
+            );
+          }
+        } catch (e) {
+          this.o.log.warn(
+            { workload: row.workload, edge: row.edge, route: keyOf(row), err: (e as Error).message },
+            "exposure not re-sent to its edge; retried later",
+          );
+        }
+      }
+    });
+  }
+
   /** views lists the exposures with the status their edges report ("unknown" when an edge cannot be asked). */
   async views(): Promise<ExposureView[]> {
     const rows = this.o.repo.list();
