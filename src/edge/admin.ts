@@ -17,21 +17,8 @@ export interface CaddyAdmin {
   config(): Promise<unknown>;
   /** ping is true when the admin endpoint answers within a short timeout. Never throws. */
   ping(): Promise<boolean>;
-  /** upstreams returns `GET /reverse_proxy/upstreams` (Caddy 2.6: address, num_requests, fails per dialed upstream). */
-  upstreams(): Promise<UpstreamStatus[]>;
   /** close releases connections. Idempotent. */
   close(): Promise<void>;
-}
-
-/**
- * UpstreamStatus is one entry of Caddy 2.6's `/reverse_proxy/upstreams`. `fails` counts the
- * passive-health failures still within `fail_duration`; 2.6 does not report the active
- * checks' verdict here.
- */
-export interface UpstreamStatus {
-  address: string;
-  num_requests: number;
-  fails: number;
 }
 
 /** UnixCaddyAdminOptions: `socketPath` is required; `timeoutMs` is optional (default 10000; ping uses 1000). */
@@ -122,12 +109,6 @@ export class UnixCaddyAdmin implements CaddyAdmin {
   async config(): Promise<unknown> {
     const text = await this.request("GET", "/config/", undefined, this.timeoutMs);
     return text.trim() === "" ? null : (JSON.parse(text) as unknown);
-  }
-
-  async upstreams(): Promise<UpstreamStatus[]> {
-    const text = await this.request("GET", "/reverse_proxy/upstreams", undefined, this.timeoutMs);
-    const v = text.trim() === "" ? [] : (JSON.parse(text) as unknown);
-    return Array.isArray(v) ? (v as UpstreamStatus[]) : [];
   }
 
   async ping(): Promise<boolean> {

@@ -23,7 +23,7 @@ import { DaemonSupervisor, type DaemonSpec } from "../node/host/daemon.js";
 import type { CommandRunner } from "../node/host/runner.js";
 import type { ProcessSpawner } from "../node/host/spawner.js";
 import { type CaddyAdmin, UnixCaddyAdmin } from "./admin.js";
-import { canonicalJson, type EdgeRoute, type PlanOptions, planCaddyConfig } from "./plan.js";
+import { canonicalJson, type PlanOptions, planCaddyConfig } from "./plan.js";
 
 /** SOCKET_PATH_MAX is the longest unix socket path Linux takes. */
 const SOCKET_PATH_MAX = 107;
@@ -251,8 +251,8 @@ export class CaddySupervisor {
 /** CaddyEdgeOptions: `admin` and `plan` are required. */
 export interface CaddyEdgeOptions {
   admin: CaddyAdmin;
-  /** plan is every planning input but the routes (fixed for an edge's lifetime). */
-  plan: Omit<PlanOptions, "routes">;
+  /** plan is every planning input (fixed for an edge's lifetime). */
+  plan: PlanOptions;
 }
 
 /** ApplyResult says what {@link CaddyEdge.apply} did. */
@@ -263,51 +263,42 @@ export interface ApplyResult {
 }
 
 /**
- * CaddyEdge keeps Caddy's config equal to the plan of the desired routes. It compares with what
- * Caddy runs (`GET /config/`), not with a cache, so a restarted Caddy (back on its bootstrap
- * config) gets the routes again on the next apply or {@link resync}.
+ * CaddyEdge keeps Caddy's config equal to the edge's plan. The plan does not depend on the
+ * routes (Caddy proxies every terminated request to HAProxy's router and obtains certificates on
+ * demand for the names the router knows), so route changes never reload Caddy: it is loaded once
+ * and again only after a Caddy restart (it then runs its bootstrap config). It compares with
+ * what Caddy runs (`GET /config/`), not with a cache.
  */
 export class CaddyEdge {
   private readonly admin: CaddyAdmin;
-  private readonly base: Omit<PlanOptions, "routes">;
-  private routes: readonly EdgeRoute[] | undefined;
+  private readonly plan: PlanOptions;
   private queue: Promise<unknown> = Promise.resolve();
 
   constructor(opts: CaddyEdgeOptions) {
     this.admin = opts.admin;
-    this.base = opts.plan;
+    this.plan = opts.plan;
   }
 
   /**
-   * apply makes Caddy serve exactly `routes` (declarative, the whole set; empty = serve
-   * nothing). Idempotent: when Caddy already runs the planned config nothing is loaded.
-   * Validation happens before any call to Caddy (CAPSULE_INVALID_ARGUMENT naming the field);
-   * a config Caddy rejects throws CAPSULE_INVALID_CONFIG and Caddy keeps serving the old one
-   * (and the routes remembered for {@link resync} stay the old ones too). Calls run one at a time.
+   * apply makes Caddy run the planned config. Idempotent: when Caddy already runs it nothing is
+   * loaded. Validation happens before any call to Caddy (CAPSULE_INVALID_ARGUMENT naming the
+   * field); a config Caddy rejects throws CAPSULE_INVALID_CONFIG and Caddy keeps serving the old
+   * one. Calls run one at a time.
    */
-  apply(routes: readonly EdgeRoute[]): Promise<ApplyResult> {
+  apply(): Promise<ApplyResult> {
     const run = this.queue.then(
-      () => this.applyNow(routes),
-      () => this.applyNow(routes),
+      () => this.applyNow(),
+      () => this.applyNow(),
     );
     this.queue = run.catch(() => undefined);
     return run;
   }
 
-  private async applyNow(routes: readonly EdgeRoute[]): Promise<ApplyResult> {
-    const config = planCaddyConfig({ ...this.base, routes });
+  private async applyNow(): Promise<ApplyResult> {
+    const config = planCaddyConfig(this.plan);
     const running = await this.admin.config();
-    if (canonicalJson(running) === canonicalJson(config)) {
-      this.routes = [...routes];
-      return { changed: false, config };
-    }
+    if (canonicalJson(running) === canonicalJson(config)) return { changed: false, config };
     await this.admin.load(config);
-    this.routes = [...routes];
     return { changed: true, config };
-  }
-
-  /** resync re-applies the last routes that Caddy accepted (after a Caddy restart). No-op before the first apply. */
-  async resync(): Promise<ApplyResult | undefined> {
-    return this.routes ? this.apply(this.routes) : undefined;
   }
 }

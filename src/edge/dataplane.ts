@@ -6,13 +6,19 @@
  *   visitor ──:443─▶ HAProxy (tcp, SNI) ─┬─ passthrough host ─▶ upstream on the fabric (raw TLS)
  *                                        └─ anything else ─▶ Caddy on 127.0.44.3:443, connected
  *                                           from the visitor's own address (IP_TRANSPARENT,
- *                                           ./handoff.ts) ─▶ reverse_proxy to the upstream
+ *                                           ./handoff.ts); Caddy terminates TLS (certificates on
+ *                                           demand, only for names the router knows) ─▶ HAProxy's
+ *                                           router (HTTP, 127.0.44.3:8081): Host -> upstream from
+ *                                           a map ─▶ upstream on the fabric
  *   visitor ──:P───▶ nft DNAT (table ip capsule_edge) ─▶ upstream on the fabric, source kept
  *
  * Each component's config is planned by a pure function (./plan.ts, ./haproxy-plan.ts,
- * ./nft-plan.ts) and applied idempotently: Caddy's `/load` only when its running config differs,
- * HAProxy's seamless reload only when haproxy.cfg differs (after `haproxy -c`), `nft -f` only
- * when the live table differs (after `nft --check`). Every one of them replaces atomically, so a
+ * ./nft-plan.ts) and applied idempotently. Caddy's config does not depend on the routes: it is
+ * loaded once (and after a Caddy restart), so a route change never reloads Caddy and never
+ * closes a visitor's connection. HTTPS routes live in HAProxy's map, changed through its runtime
+ * API in one atomic commit, without a reload. Only passthrough changes reload HAProxy (seamless:
+ * the new worker takes the listeners, the old one finishes its connections; after `haproxy
+ * -c`). `nft -f` runs only when the live table differs (after `nft --check`). Every one of them replaces atomically, so a
  * rejected config leaves the old one serving. Caddy and HAProxy run detached and outlive
  * capsuled; a new {@link HostEdgeDataPlane} adopts them (same pids), and {@link
  * EdgeDataPlane.stop} leaves them serving.
@@ -25,14 +31,22 @@ import { CapsuleError, ErrorCode, invalidArgument } from "../errors.js";
 import type { Clock } from "../node/host/clock.js";
 import type { CommandRunner } from "../node/host/runner.js";
 import type { ProcessSpawner } from "../node/host/spawner.js";
-import type { CaddyAdmin, UpstreamStatus } from "./admin.js";
+import type { CaddyAdmin } from "./admin.js";
 import { CaddyEdge, CaddySupervisor, type CaddyState, caddyPaths } from "./caddy.js";
+import { connect as tlsConnect } from "node:tls";
 import { CADDY_INTERNAL_HOST, Handoff } from "./handoff.js";
 import { HaproxySupervisor } from "./haproxy.js";
-import { planHaproxyConfig } from "./haproxy-plan.js";
+import { planHaproxyConfig, planRoutesMap } from "./haproxy-plan.js";
 import { EDGE_TABLE, deleteEdgeNft, normalizeNft, planEdgeNft, renderEdgeTable } from "./nft-plan.js";
 import { IPV4, type PlanOptions, checkUpstream, normalizeHost, planCaddyConfig } from "./plan.js";
-import { certStatus, httpHealth, issuerKey, lastCertEvents, passthroughHealth } from "./status.js";
+import { certStatus, issuerKey, lastCertEvents, passthroughHealth } from "./status.js";
+
+/** ROUTER_BIND is HAProxy's HTTP router, where Caddy proxies what it terminated. */
+export const ROUTER_BIND = `${CADDY_INTERNAL_HOST}:8081`;
+/** ASK_BIND is where Caddy's on-demand TLS asks whether a name is routed. */
+export const ASK_BIND = `${CADDY_INTERNAL_HOST}:8082`;
+/** WARM_MS bounds the handshake that makes Caddy obtain a new host's certificate right away. */
+const WARM_MS = 30_000;
 
 /** HttpRoute is a hostname the edge terminates TLS for (Caddy) and proxies as HTTP to `upstream`. All fields required. */
 export interface HttpRoute {
@@ -231,6 +245,7 @@ function defaultProbe(ip: string, port: number, timeoutMs: number): Promise<bool
 interface Plans {
   desired: EdgeDesired;
   haproxy: string;
+  routesMap: string;
   nft: string;
   nftTable: string;
 }
@@ -239,6 +254,8 @@ interface Plans {
 export interface DataPlaneCounters {
   caddyLoads: number;
   haproxyReloads: number;
+  /** routerCommits counts runtime updates of the HTTPS routes map (no reload). */
+  routerCommits: number;
   nftApplies: number;
 }
 
@@ -252,14 +269,20 @@ const LOG_TAIL_BYTES = 2 * 1024 * 1024;
  */
 export class HostEdgeDataPlane implements EdgeDataPlane {
   /** counters says what this object changed; an unchanged apply adds nothing. */
-  readonly counters: DataPlaneCounters = { caddyLoads: 0, haproxyReloads: 0, nftApplies: 0 };
+  readonly counters: DataPlaneCounters = {
+    caddyLoads: 0,
+    haproxyReloads: 0,
+    routerCommits: 0,
+    nftApplies: 0,
+  };
   private readonly o: EdgeDataPlaneOptions;
   private readonly httpPort: number;
   private readonly httpsPort: number;
   private readonly caddySup: CaddySupervisor;
   private readonly haproxy: HaproxySupervisor;
   private readonly handoff: Handoff;
-  private readonly caddyBase: Omit<PlanOptions, "routes">;
+  private readonly caddyBase: PlanOptions;
+  private readonly routesMapFile: string;
   private readonly probe: (ip: string, port: number, timeoutMs: number) => Promise<boolean>;
   private caddyState: CaddyState | undefined;
   private caddyEdge: CaddyEdge | undefined;
@@ -302,7 +325,9 @@ export class HostEdgeDataPlane implements EdgeDataPlane {
       httpsPort: this.httpsPort,
       httpsHost: CADDY_INTERNAL_HOST,
       logFile: join(p.dir, "events.log"),
+      router: { proxy: ROUTER_BIND, ask: `http://${ASK_BIND}/ask` },
     };
+    this.routesMapFile = this.haproxy.paths.routesMap;
     this.probe = o.tcpProbe ?? defaultProbe;
   }
 
@@ -333,20 +358,27 @@ export class HostEdgeDataPlane implements EdgeDataPlane {
       throw invalidArgument("fabricIface", `"${this.o.fabricIface}" is not an interface name`);
     const desired = validateDesired(d, this.httpPort, this.httpsPort);
     // Caddy's plan validates the ACME options and ports too; it is planned again at apply.
-    planCaddyConfig({ ...this.caddyBase, routes: desired.http });
+    planCaddyConfig(this.caddyBase);
     const haproxy = planHaproxyConfig({
       statsSocket: this.haproxy.paths.statsSocket,
       publicAddress: this.o.publicAddress,
       httpsPort: this.httpsPort,
       caddy: `${CADDY_INTERNAL_HOST}:${this.httpsPort}`,
       passthrough: desired.passthrough,
+      router: { bind: ROUTER_BIND, askBind: ASK_BIND, map: this.routesMapFile },
     });
     const nftOpts = {
       publicAddress: this.o.publicAddress,
       fabricIface: this.o.fabricIface,
       tcp: desired.tcp,
     };
-    return { desired, haproxy, nft: planEdgeNft(nftOpts), nftTable: normalizeNft(renderEdgeTable(nftOpts)) };
+    return {
+      desired,
+      haproxy,
+      routesMap: planRoutesMap(desired.http),
+      nft: planEdgeNft(nftOpts),
+      nftTable: normalizeNft(renderEdgeTable(nftOpts)),
+    };
   }
 
   start(): Promise<void> {
@@ -366,10 +398,7 @@ export class HostEdgeDataPlane implements EdgeDataPlane {
         },
         "edge data plane started",
       );
-      if (!caddy.adopted && this.desired) {
-        const r = await this.caddyEdge.apply(this.desired.http);
-        if (r.changed) this.counters.caddyLoads++;
-      }
+      if ((await this.caddyEdge.apply()).changed) this.counters.caddyLoads++;
       this.watch();
     });
   }
@@ -386,7 +415,7 @@ export class HostEdgeDataPlane implements EdgeDataPlane {
       intervalMs,
       onRestart: async (s) => {
         this.o.log.warn({ pid: s.pid }, "edge: caddy restarted");
-        const r = await this.caddyEdge?.resync();
+        const r = await this.caddyEdge?.apply();
         if (r?.changed) this.counters.caddyLoads++;
       },
     });
@@ -411,24 +440,49 @@ export class HostEdgeDataPlane implements EdgeDataPlane {
         throw new CapsuleError(ErrorCode.FailedPrecondition, "edge data plane is not started", {
           hint: "call start() first",
         });
-      const caddy = await this.caddyEdge.apply(plans.desired.http);
+      const caddy = await this.caddyEdge.apply();
       if (caddy.changed) this.counters.caddyLoads++;
+      // The map first: a name HAProxy routes is one Caddy may get a certificate for.
+      const map = await this.haproxy.applyMap(this.routesMapFile, plans.routesMap);
+      if (map.changed) this.counters.routerCommits++;
       const hap = await this.haproxy.apply(plans.haproxy);
       if (hap.changed) this.counters.haproxyReloads++;
       if (await this.applyNft(plans)) this.counters.nftApplies++;
+      const before = new Set((this.desired?.http ?? []).map((r) => r.host));
       this.desired = plans.desired;
-      if (caddy.changed || hap.changed)
+      for (const r of plans.desired.http) if (!before.has(r.host)) this.warm(r.host);
+      if (caddy.changed || hap.changed || map.changed)
         this.o.log.info(
           {
             http: plans.desired.http.length,
             passthrough: plans.desired.passthrough.length,
             tcp: plans.desired.tcp.length,
             caddy: caddy.changed,
+            router: map.changed,
             haproxy: hap.changed,
           },
           "edge routes applied",
         );
     });
+  }
+
+  /**
+   * warm makes Caddy obtain `host`'s certificate now rather than at the first visitor: a TLS
+   * handshake with that name to Caddy's internal listener (on-demand TLS asks the router, which
+   * knows the host by now). Best effort, bounded, never awaited; the outcome shows in status().
+   */
+  private warm(host: string): void {
+    const s = tlsConnect({
+      host: CADDY_INTERNAL_HOST,
+      port: this.httpsPort,
+      servername: host,
+      rejectUnauthorized: false,
+      timeout: WARM_MS,
+    });
+    const done = () => s.destroy();
+    s.once("secureConnect", done);
+    s.once("timeout", done);
+    s.once("error", done);
   }
 
   /** applyNft replaces the table when the live one differs; true when it did. */
@@ -449,12 +503,6 @@ export class HostEdgeDataPlane implements EdgeDataPlane {
     if (!d) return [];
     const p = caddyPaths(this.o.stateDir);
     const now = this.o.clock.now();
-    let upstreams: UpstreamStatus[] | undefined;
-    try {
-      upstreams = await this.caddyState?.admin.upstreams();
-    } catch {
-      upstreams = undefined;
-    }
     const events = lastCertEvents(await readTail(this.caddyBase.logFile ?? "", LOG_TAIL_BYTES));
     const key = issuerKey(this.o.acmeCa);
     const rows = d.passthrough.length ? await this.haproxy.stats() : [];
@@ -473,7 +521,7 @@ export class HostEdgeDataPlane implements EdgeDataPlane {
           kind: "http",
           key: r.host,
           ...certStatus(pem, events.get(r.host), now),
-          health: httpHealth(r.upstream, upstreams, await probe(r.upstream)),
+          health: (await probe(r.upstream)) ? "healthy" : "unhealthy",
         });
       }),
       ...d.passthrough.map(async (r) => {

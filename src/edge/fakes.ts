@@ -1,5 +1,5 @@
 import { CapsuleError, ErrorCode } from "../errors.js";
-import type { CaddyAdmin, UpstreamStatus } from "./admin.js";
+import type { CaddyAdmin } from "./admin.js";
 import type { EdgeDataPlane, EdgeDesired, RouteStatus } from "./dataplane.js";
 
 /**
@@ -47,14 +47,6 @@ export class FakeCaddyAdmin implements CaddyAdmin {
 
   async ping(): Promise<boolean> {
     return this.up;
-  }
-
-  /** upstreamList is what upstreams() returns (set it in tests). */
-  upstreamList: UpstreamStatus[] = [];
-
-  async upstreams(): Promise<UpstreamStatus[]> {
-    this.check();
-    return structuredClone(this.upstreamList);
   }
 
   async close(): Promise<void> {}

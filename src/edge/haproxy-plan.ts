@@ -43,6 +43,27 @@ export interface HaproxyPlanOptions {
   /** caddy is Caddy's internal TLS listener, `ip:port`. */
   caddy: string;
   passthrough: readonly HaproxyRoute[];
+  /**
+   * router is where Caddy hands the requests it terminated (`bind`, HTTP), where Caddy asks
+   * whether it may obtain a certificate for a name (`askBind`), and the map file of routed
+   * hosts (`map`: host -> upstream ip:port, see {@link planRoutesMap}), which the runtime API
+   * updates without a reload.
+   */
+  router: { bind: string; askBind: string; map: string };
+}
+
+/** ROUTER_BACKEND is the HTTP backend whose destination each request's host picks from the map. */
+export const ROUTER_BACKEND = "routes";
+
+/**
+ * planRoutesMap returns the routes map file: one `host ip:port` line per terminated host, sorted.
+ * Pure; the hosts and upstreams must have been validated.
+ */
+export function planRoutesMap(routes: readonly HaproxyRoute[]): string {
+  return [...routes]
+    .map((r) => `${r.host.toLowerCase()} ${r.upstream}\n`)
+    .sort()
+    .join("");
 }
 
 /**
@@ -58,6 +79,10 @@ export function planHaproxyConfig(o: HaproxyPlanOptions): string {
   if (!Number.isInteger(o.httpsPort) || o.httpsPort < 1 || o.httpsPort > 65535)
     throw invalidArgument("httpsPort", `${String(o.httpsPort)} is not a port (1-65535)`);
   checkUpstream(o.caddy, "caddy");
+  checkUpstream(o.router.bind, "router.bind");
+  checkUpstream(o.router.askBind, "router.askBind");
+  if (!o.router.map.startsWith("/") || /[\s\0]/.test(o.router.map))
+    throw invalidArgument("router.map", `"${o.router.map}" is not an absolute path without spaces`);
   const byHost = new Map<string, string>();
   for (const r of o.passthrough) {
     const host = normalizeHost(r.host, "passthrough.host");
@@ -103,5 +128,35 @@ export function planHaproxyConfig(o: HaproxyPlanOptions): string {
       `backend ${PASSTHROUGH_PREFIX}${host}`,
       `\tserver ${PASSTHROUGH_SERVER} ${upstream} check inter 2s fall 3 rise 2`,
     );
+  const map = o.router.map;
+  lines.push(
+    "",
+    // What Caddy terminated: the Host picks the upstream from the map (changed at runtime, no
+    // reload); unknown hosts get 404. X-Forwarded-For is Caddy's (the visitor), passed through.
+    "frontend router",
+    "\tmode http",
+    `\tbind ${o.router.bind}`,
+    "\ttimeout client 5m",
+    `\thttp-request set-var(txn.upstream) req.hdr(host),field(1,:),lower,map(${map})`,
+    '\thttp-request return status 404 content-type text/plain string "no route for this host" if !{ var(txn.upstream) -m found }',
+    `\tdefault_backend ${ROUTER_BACKEND}`,
+    "",
+    `backend ${ROUTER_BACKEND}`,
+    "\tmode http",
+    "\ttimeout server 5m",
+    "\thttp-request set-dst var(txn.upstream),field(1,:)",
+    "\thttp-request set-dst-port var(txn.upstream),field(2,:)",
+    "\tretry-on conn-failure empty-response",
+    "\tretries 2",
+    "\tserver fabric 0.0.0.0:0",
+    "",
+    // Caddy's on-demand TLS asks here before obtaining a certificate: only routed hosts.
+    "frontend ask",
+    "\tmode http",
+    `\tbind ${o.router.askBind}`,
+    "\ttimeout client 10s",
+    `\thttp-request return status 200 if { url_param(domain),lower,map(${map}) -m found }`,
+    "\thttp-request return status 404",
+  );
   return `${lines.join("\n")}\n`;
 }

@@ -43,6 +43,8 @@ export interface HaproxyPaths {
   pidFile: string;
   masterSocket: string;
   statsSocket: string;
+  /** routesMap is the HTTPS routes map (host -> upstream) the router frontend loads. */
+  routesMap: string;
   /** socketDir is set when the sockets had to move to /run (the state dir path is too long). */
   socketDir: string | undefined;
 }
@@ -66,6 +68,7 @@ export function haproxyPaths(stateDir: string): HaproxyPaths {
     pidFile: join(dir, "haproxy.pid"),
     masterSocket,
     statsSocket,
+    routesMap: join(dir, "routes.map"),
     socketDir,
   };
 }
@@ -201,6 +204,9 @@ export class HaproxySupervisor {
         await rm(p.statsSocket, { force: true });
         // The last applied config is kept: a restart serves the same routes. Only a first start
         // (or a file that no longer checks) gets the initial one.
+        // The config loads the routes map: HAProxy refuses to start without the file.
+        if ((await readFile(p.routesMap, "utf8").catch(() => undefined)) === undefined)
+          await writeFile(p.routesMap, "", { mode: 0o600 });
         const existing = await readFile(p.config, "utf8").catch(() => undefined);
         if (existing === undefined || !(await this.check(p.config))) await this.writeConfig(initialConfig());
       },
@@ -296,6 +302,66 @@ export class HaproxySupervisor {
         );
       await this.clock.sleep(POLL_MS);
     }
+  }
+
+  /**
+   * applyMap makes the map file `path` and the map HAProxy runs hold exactly `text` (lines
+   * `key value`, see planRoutesMap). The file is replaced atomically (a reload or restart loads
+   * it); a running HAProxy gets the new contents through its runtime API in one atomic step
+   * (`prepare map`, `add map @version` per line, `commit map`), without a reload, so no
+   * connection notices. Idempotent: false when the file and the live map already match.
+   * A live map that still differs afterwards throws CAPSULE_COMMAND_FAILED.
+   */
+  applyMap(path: string, text: string): Promise<{ changed: boolean }> {
+    return this.daemon.exclusive(async () => {
+      const current = await readFile(path, "utf8").catch(() => undefined);
+      const live = await this.showMap(path);
+      if (current === text && (live === undefined || live === text)) return { changed: false };
+      if (current !== text) {
+        await writeFile(`${path}.new`, text, { mode: 0o600 });
+        await rename(`${path}.new`, path);
+      }
+      if (live === undefined || live === text) return { changed: true };
+      const sock = this.paths.statsSocket;
+      const prepared = await this.command(sock, `prepare map ${path}`, CLI_MS);
+      const version = /New version created: (\d+)/.exec(prepared)?.[1];
+      if (!version)
+        throw new CapsuleError(ErrorCode.CommandFailed, `haproxy: prepare map failed: ${prepared.trim()}`);
+      const cmds = text
+        .split("\n")
+        .filter(Boolean)
+        .map((l) => `add map @${version} ${path} ${l}`);
+      cmds.push(`commit map @${version} ${path}`);
+      await this.command(sock, cmds.join("; "), CLI_MS);
+      const after = await this.showMap(path);
+      if (after !== text)
+        throw new CapsuleError(
+          ErrorCode.CommandFailed,
+          `haproxy: the map ${path} did not take the new routes`,
+          {
+            hint: `see ${this.paths.log}`,
+          },
+        );
+      return { changed: true };
+    });
+  }
+
+  /** showMap returns the live map as `key value` lines (sorted), or undefined when HAProxy does not answer. */
+  private async showMap(path: string): Promise<string | undefined> {
+    let out: string;
+    try {
+      out = await this.command(this.paths.statsSocket, `show map ${path}`, CLI_MS);
+    } catch {
+      return undefined;
+    }
+    if (/Unknown map identifier/i.test(out)) return undefined;
+    return out
+      .split("\n")
+      .map((l) => l.trim().split(/\s+/))
+      .filter((f) => f.length >= 3 && f[0]?.startsWith("0x"))
+      .map((f) => `${f[1]} ${f.slice(2).join(" ")}\n`)
+      .sort()
+      .join("");
   }
 
   /** stats returns `show stat` from the stats socket; [] when HAProxy does not answer. Never throws. */

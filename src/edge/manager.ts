@@ -60,8 +60,13 @@ export function desiredOf(rows: readonly RouteRow[]): EdgeDesired {
   return d;
 }
 
+/** HEALTH_INTERVAL_MS is how often the edge checks its routes' upstreams and certificates. */
+export const HEALTH_INTERVAL_MS = 10_000;
+
 export class EdgeRoutes {
   private chain: Promise<unknown> = Promise.resolve();
+  private timer: NodeJS.Timeout | undefined;
+  private lastHealth = new Map<string, string>();
 
   constructor(private readonly o: EdgeRoutesOptions) {}
 
@@ -74,10 +79,40 @@ export class EdgeRoutes {
     await this.o.dataplane.start();
     await this.serial(() => this.o.dataplane.apply(desiredOf(this.o.repo.list())));
     this.o.log.info({ routes: this.o.repo.list().length }, "edge routes applied");
+    this.timer = setInterval(() => void this.checkHealth(), HEALTH_INTERVAL_MS);
+    this.timer.unref();
+  }
+
+  /**
+   * checkHealth looks at every route's upstream and certificate and logs what changed (a route
+   * going unhealthy, a certificate failing): the periodic health check `edge list` and the
+   * metrics also show. Never throws.
+   */
+  async checkHealth(): Promise<void> {
+    const views = await this.views().catch(() => []);
+    const seen = new Map<string, string>();
+    for (const v of views) {
+      const key = routeKey(v);
+      const state = `${v.health}/${v.cert}`;
+      seen.set(key, state);
+      if (this.lastHealth.get(key) === state) continue;
+      const fields = {
+        route: key,
+        upstream: v.upstream,
+        health: v.health,
+        cert: v.cert,
+        detail: v.certDetail,
+      };
+      if (v.health === "unhealthy" || v.cert === "failed") this.o.log.warn(fields, "edge route degraded");
+      else this.o.log.info(fields, "edge route state");
+    }
+    this.lastHealth = seen;
   }
 
   /** stop stops watching; Caddy, HAProxy and the nft table keep serving. */
   async stop(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = undefined;
     await this.o.dataplane.stop();
   }
 

@@ -10,8 +10,8 @@
  *   then a new connection from outside the fabric into the fabric interface passes only when it
  *   was DNATed here (`ct status dnat`), and is dropped otherwise, so a visitor that routes
  *   100.64.0.0/10 via the edge cannot reach fabric addresses directly. Fabric-to-fabric relaying
- *   (in and out of the fabric interface) and the edge's own traffic (output, not forward) are
- *   untouched.
+ *   (in and out of the fabric interface), the edge's own workloads (their veths, `cw*`, see
+ *   src/node/runtime/netns.ts) and the edge's own traffic (output, not forward) are untouched.
  *
  * {@link renderEdgeTable} prints the table the way `nft list table ip capsule_edge` does (up to
  * whitespace, see {@link normalizeNft}), so the applier compares it with the live table and
@@ -90,7 +90,8 @@ export function renderEdgeTable(o: EdgeNftOptions): string {
     "\t\ttype filter hook forward priority filter; policy accept;",
     "\t\tct state established,related accept",
     `\t\tiifname != ${iface} oifname ${iface} ct status dnat accept`,
-    `\t\tiifname != ${iface} oifname ${iface} drop`,
+    // The edge's own workloads (veths cw*) reach the fabric as on any capsule.
+    `\t\tiifname != ${iface} iifname != "cw*" oifname ${iface} drop`,
     "\t}",
     "}",
   );

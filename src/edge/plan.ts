@@ -1,53 +1,44 @@
 /**
- * Edge plan: the whole Caddy JSON config of an edge capsule, computed from the desired routes.
+ * Edge plan: the whole Caddy JSON config of an edge capsule.
  *
- * {@link planCaddyConfig} is pure and deterministic (routes sorted by host, keys in a fixed
- * order), so two plans of the same routes are byte-identical and the applier can compare a plan
- * with what Caddy reports (`GET /config/`) to skip a reload. The config is always complete: it
- * is loaded with `POST /load`, which replaces Caddy's config atomically (a rejected config
- * leaves the old one serving), never patched.
+ * The config does not depend on the routes. Caddy terminates TLS for every name HAProxy's router
+ * knows (certificates on demand: Caddy asks the router before obtaining one) and proxies every
+ * request to that router, which picks the upstream by Host from a map it changes at runtime. So
+ * a route change never reloads Caddy; a Caddy reload would close idle keep-alive connections and
+ * race requests already on the wire. {@link planCaddyConfig} is pure and deterministic, so the
+ * applier can compare the plan with what Caddy reports (`GET /config/`) and skip the load. The
+ * config is complete and loaded with `POST /load`, which replaces Caddy's config atomically (a
+ * rejected config leaves the old one serving).
  *
  * Shape, and why:
  * - `admin.listen` is `unix//<adminSocket>`: no TCP admin port for anything on the host to reach;
  *   `admin.config.persist` is false so Caddy writes no autosave.json outside the state dir
- *   (capsuled re-applies its routes after every Caddy start).
+ *   (capsuled loads the config again after every Caddy start).
  * - `storage` is a `file_system` root under the state dir: certificates, ACME accounts and the
  *   internal CA live there and survive restarts.
  * - `apps.pki.certificate_authorities.local.install_trust` is false: the internal CA must never
  *   be added to the host's trust store.
  * - `apps.http.servers.edge` listens on the HTTPS port only, on `httpsHost` when given (the edge
- *   data plane puts it on an internal loopback address behind HAProxy, see ./handoff.ts);
- *   Caddy's automatic HTTPS then serves TLS for every host matcher. Its automatic redirects are
- *   off (`disable_redirects`): they would listen on `httpsHost`'s address only and redirect to
- *   that port. Instead `apps.http.servers.edge-http` listens on `:<httpPort>` with automatic
- *   HTTPS disabled and 308-redirects every request to `https://{host}{uri}` (with `:<httpsPort>`
- *   only when that is not 443). Caddy still answers ACME HTTP-01 challenges on that server
- *   before any route runs (checked against pebble, test/root/edge-dataplane.test.ts).
+ *   data plane puts it on an internal loopback address behind HAProxy, see ./handoff.ts), with
+ *   TLS on every connection (`tls_connection_policies: [{}]`). Its automatic redirects are off
+ *   (`disable_redirects`): they would listen on `httpsHost`'s address only and redirect to that
+ *   port. Instead `apps.http.servers.edge-http` listens on `:<httpPort>` with automatic HTTPS
+ *   disabled and 308-redirects every request to `https://{host}{uri}` (with `:<httpsPort>` only
+ *   when that is not 443). Caddy still answers ACME HTTP-01 challenges on that server before any
+ *   route runs.
+ * - One route: `reverse_proxy` to `router.proxy`, without health checks (the router answers for
+ *   each workload; one workload's failures must not take the others out). `trusted_proxies` is
+ *   unset on purpose: Caddy 2.6 then ignores any X-Forwarded-For a visitor sends and sets it to
+ *   the visitor's address, which the router passes on to the workload.
  * - `logging.logs.default` writes Caddy's JSON log to `logFile` when given, so the edge can read
- *   ACME failures back ("could not get certificate from issuer").
- * - One route per host: a `host` matcher, a `reverse_proxy` to the upstream over the fabric with
- *   active (HTTP `GET /` every {@link ACTIVE_INTERVAL}, 2xx/3xx healthy) and passive health
- *   checks. `trusted_proxies` is left unset on purpose: Caddy 2.6 then ignores any
- *   X-Forwarded-For a visitor sends and sets it to the visitor's address, which is what the
- *   workload sees. A final catch-all route answers 404 for unknown hosts.
- * - `apps.tls.automation.policies` has one policy whose subjects are exactly the routed hosts,
- *   issuing with the ACME issuer (`ca` = the directory URL, `email` when given,
- *   `trusted_roots_pem_files` = [`acmeCaRoot`] when given) or with the `internal` issuer (Caddy's local CA) when the CA is "internal". With no routes the policy and
- *   the hosts are absent: the config is valid, keeps admin and storage, and serves nothing.
+ *   ACME progress and failures back.
+ * - `apps.tls.automation`: one on-demand policy issuing with the ACME issuer (`ca` = the
+ *   directory URL, `email` when given, `trusted_roots_pem_files` = [`acmeCaRoot`] when given) or
+ *   with the `internal` issuer (Caddy's local CA) when the CA is "internal"; `on_demand.ask` is
+ *   `router.ask`, which answers 200 only for routed names, so nobody can make the edge request
+ *   certificates for names it does not serve.
  */
 import { invalidArgument } from "../errors.js";
-
-/** EdgeRoute is one hostname the edge serves over HTTPS. All fields are required. */
-export interface EdgeRoute {
-  /** host is the DNS name visitors use (case-insensitive; planned lowercased). Unique across routes. */
-  host: string;
-  /** upstream is the workload's `ip:port` on the fabric (IPv4). */
-  upstream: string;
-  /** workload is the exposed workload's name (validated; kept for the caller's bookkeeping). */
-  workload: string;
-  /** capsule is the capsule the workload runs on (validated; kept for the caller's bookkeeping). */
-  capsule: string;
-}
 
 /** ACME_INTERNAL is the `acmeCa` value that selects Caddy's own CA instead of an ACME directory. */
 export const ACME_INTERNAL = "internal";
@@ -72,21 +63,22 @@ export interface PlanOptions {
   httpsHost?: string | undefined;
   /** logFile is the absolute path of Caddy's JSON log; unset = Caddy's default (stderr). */
   logFile?: string | undefined;
-  /** routes: empty is valid (a config that serves nothing). */
-  routes: readonly EdgeRoute[];
+  /**
+   * router: where every terminated request is proxied (`proxy`, HTTP `ip:port`: HAProxy's
+   * router, which picks the upstream by Host from a map it updates without a reload) and the
+   * URL on-demand TLS asks before obtaining a certificate for a name (`ask`).
+   */
+  router: { proxy: string; ask: string };
 }
 
 /** EDGE_SERVER is the name of the HTTPS server in the plan. */
 export const EDGE_SERVER = "edge";
 /** REDIRECT_SERVER is the name of the plain-HTTP server (ACME HTTP-01 and redirects). */
 export const REDIRECT_SERVER = "edge-http";
-/** ACTIVE_INTERVAL is how often Caddy probes each upstream. */
-export const ACTIVE_INTERVAL = "5s";
 
 /** IPV4 matches a dotted-quad IPv4 address. */
 export const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
 const LABEL = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
-const NAME = /^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$/;
 const EMAIL = /^[^\s@]+@[^\s@]+\.[^\s@]+$/;
 /** SOCKET_PATH_MAX is the longest unix socket path Linux takes. */
 const SOCKET_PATH_MAX = 107;
@@ -142,11 +134,10 @@ function issuerFor(
 /**
  * planCaddyConfig returns the complete Caddy config for `opts` (see the module comment for its
  * shape). Pure and deterministic: the same options give a deep-equal object with keys in the
- * same order; routes are sorted by host. Throws CAPSULE_INVALID_ARGUMENT naming the field on a
- * relative path, an over-long admin socket path, a CA that is neither "internal" nor an
- * http(s) URL, a malformed email, a bad or shared port, a host that is not a DNS name or is
- * routed twice, a malformed upstream, an empty workload/capsule name, a relative log file or
- * CA root, or an `httpsHost` that is not an IPv4 address.
+ * same order. Throws CAPSULE_INVALID_ARGUMENT naming the field on a relative path, an over-long
+ * admin socket path, a CA that is neither "internal" nor an http(s) URL, a malformed email, a
+ * bad or shared port, a relative log file or CA root, an `httpsHost` that is not an IPv4
+ * address, a `router.proxy` that is not ip:port or a `router.ask` that is not http://ip:port/.
  */
 export function planCaddyConfig(opts: PlanOptions): Record<string, unknown> {
   checkAbsolute("adminSocket", opts.adminSocket);
@@ -179,36 +170,23 @@ export function planCaddyConfig(opts: PlanOptions): Record<string, unknown> {
   if (opts.logFile !== undefined) checkAbsolute("logFile", opts.logFile);
   if (opts.acmeCaRoot !== undefined) checkAbsolute("acmeCaRoot", opts.acmeCaRoot);
 
-  const byHost = new Map<string, { host: string; upstream: string }>();
-  for (const r of opts.routes) {
-    const host = normalizeHost(r.host, "routes.host");
-    checkUpstream(r.upstream, "routes.upstream");
-    if (!NAME.test(r.workload))
-      throw invalidArgument("routes.workload", `"${r.workload}" is not a workload name`);
-    if (!NAME.test(r.capsule))
-      throw invalidArgument("routes.capsule", `"${r.capsule}" is not a capsule name`);
-    if (byHost.has(host)) throw invalidArgument("routes.host", `"${host}" is routed more than once`);
-    byHost.set(host, { host, upstream: r.upstream });
-  }
-  const routes = [...byHost.values()].sort((a, b) => (a.host < b.host ? -1 : a.host > b.host ? 1 : 0));
-  const hosts = routes.map((r) => r.host);
+  checkUpstream(opts.router.proxy, "router.proxy");
+  const ask = /^http:\/\/([0-9.]+):(\d{1,5})\/\S*$/.exec(opts.router.ask);
+  if (!ask || !IPV4.test(ask[1] ?? "") || Number(ask[2]) < 1 || Number(ask[2]) > 65535)
+    throw invalidArgument("router.ask", `"${opts.router.ask}" is not an http://ip:port/ URL`);
 
-  const httpRoutes: unknown[] = routes.map((r) => ({
-    "@id": `edge-route-${r.host}`,
-    match: [{ host: [r.host] }],
-    handle: [
-      {
-        handler: "reverse_proxy",
-        upstreams: [{ dial: r.upstream }],
-        health_checks: {
-          active: { uri: "/", interval: ACTIVE_INTERVAL, timeout: "2s" },
-          passive: { fail_duration: "10s", max_fails: 3 },
+  const httpRoutes: unknown[] = [
+    {
+      handle: [
+        {
+          handler: "reverse_proxy",
+          // No health checks on the router: it answers 503 itself for a workload that is down,
+          // and one workload's failures must not take every route out.
+          upstreams: [{ dial: opts.router.proxy }],
         },
-      },
-    ],
-    terminal: true,
-  }));
-  httpRoutes.push({ handle: [{ handler: "static_response", status_code: 404 }] });
+      ],
+    },
+  ];
 
   const portSuffix = opts.httpsPort === 443 ? "" : `:${opts.httpsPort}`;
   const apps: Record<string, unknown> = {
@@ -219,6 +197,7 @@ export function planCaddyConfig(opts: PlanOptions): Record<string, unknown> {
         [EDGE_SERVER]: {
           listen: [`${opts.httpsHost ?? ""}:${opts.httpsPort}`],
           routes: httpRoutes,
+          tls_connection_policies: [{}],
           automatic_https: { disable_redirects: true },
         },
         [REDIRECT_SERVER]: {
@@ -240,13 +219,12 @@ export function planCaddyConfig(opts: PlanOptions): Record<string, unknown> {
     },
     pki: { certificate_authorities: { local: { install_trust: false } } },
   };
-  if (hosts.length > 0) {
-    apps["tls"] = {
-      automation: {
-        policies: [{ subjects: hosts, issuers: [issuerFor(opts.acmeCa, opts.email, opts.acmeCaRoot)] }],
-      },
-    };
-  }
+  apps["tls"] = {
+    automation: {
+      policies: [{ issuers: [issuerFor(opts.acmeCa, opts.email, opts.acmeCaRoot)], on_demand: true }],
+      on_demand: { ask: opts.router.ask },
+    },
+  };
   const config: Record<string, unknown> = {
     admin: { listen: `unix/${opts.adminSocket}`, config: { persist: false } },
     storage: { module: "file_system", root: opts.storageDir },

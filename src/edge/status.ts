@@ -13,23 +13,16 @@
  * - "pending": no certificate and no logged error yet (Caddy is still obtaining it).
  *
  * Health:
- * - http: Caddy 2.6's `/reverse_proxy/upstreams` lists each dialed upstream with `fails` (passive
- *   failures within fail_duration) but not the active checks' verdict, so: not listed (Caddy
- *   does not run that route) = "unknown"; `fails` at or above max_fails (Caddy has marked it
- *   down) = "unhealthy"; otherwise a TCP connect from the edge decides.
+ * - http and tcp: a TCP connect from the edge to the upstream with a short timeout (the router
+ *   picks each request's upstream from a map, so there is no per-upstream check in HAProxy).
  * - passthrough: HAProxy's own TCP check (`show stat`, server status): UP = "healthy", DOWN =
  *   "unhealthy", anything else (no check yet, MAINT, no such backend) = "unknown".
- * - tcp: a TCP connect from the edge to the upstream with a short timeout.
  */
 import { X509Certificate } from "node:crypto";
-import type { UpstreamStatus } from "./admin.js";
 import { PASSTHROUGH_PREFIX, PASSTHROUGH_SERVER } from "./haproxy-plan.js";
 import type { StatRow } from "./haproxy.js";
 import { ACME_INTERNAL } from "./plan.js";
 import type { CertState, RouteStatus } from "./dataplane.js";
-
-/** PASSIVE_MAX_FAILS is plan.ts's passive max_fails: at this many fails Caddy treats the upstream as down. */
-export const PASSIVE_MAX_FAILS = 3;
 
 /**
  * issuerKey is the directory certmagic stores an issuer's certificates under: "local" for
@@ -143,18 +136,6 @@ export function certStatus(
   if (event?.progress) return { cert: "pending", certDetail: event.progress };
   if (event && !event.ok) return { cert: "failed", certDetail: event.error };
   return { cert: "pending", certDetail: "" };
-}
-
-/** httpHealth decides an http route's health (see the module comment). Pure. */
-export function httpHealth(
-  upstream: string,
-  upstreams: readonly UpstreamStatus[] | undefined,
-  reachable: boolean,
-): RouteStatus["health"] {
-  const u = upstreams?.find((x) => x.address === upstream);
-  if (!u) return "unknown";
-  if (u.fails >= PASSIVE_MAX_FAILS) return "unhealthy";
-  return reachable ? "healthy" : "unhealthy";
 }
 
 /** passthroughHealth reads the host's backend server status from `show stat` rows. Pure. */

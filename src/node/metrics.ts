@@ -107,6 +107,37 @@ export class Metrics {
     });
   }
 
+  /**
+   * registerEdge adds the edge series, read at scrape time: `capsule_edge_route_up` (1 healthy,
+   * 0 otherwise) and `capsule_edge_certificate_valid` (1 valid, 0 otherwise; HTTPS routes only),
+   * per route (host or public port) and kind.
+   */
+  registerEdge(source: () => Promise<{ route: string; kind: string; health: string; cert: string }[]>): void {
+    const rows = async () => source().catch(() => []);
+    new Gauge({
+      name: "capsule_edge_route_up",
+      help: "Whether the edge reaches the route's upstream (1) or not (0).",
+      labelNames: ["route", "kind"] as const,
+      registers: [this.registry],
+      async collect() {
+        this.reset();
+        for (const r of await rows())
+          this.set({ route: r.route, kind: r.kind }, r.health === "healthy" ? 1 : 0);
+      },
+    });
+    new Gauge({
+      name: "capsule_edge_certificate_valid",
+      help: "Whether an HTTPS route's certificate is valid (1) or pending/failed (0).",
+      labelNames: ["route"] as const,
+      registers: [this.registry],
+      async collect() {
+        this.reset();
+        for (const r of await rows())
+          if (r.kind === "https") this.set({ route: r.route }, r.cert === "valid" ? 1 : 0);
+      },
+    });
+  }
+
   /** serve exposes /metrics over plain HTTP on host:port (meant for a local or fabric-only address). */
   serve(host: string, port: number): Promise<Server> {
     const server = createServer(async (req, res) => {

@@ -19,7 +19,7 @@ import { volumeService } from "./api/volume-service.js";
 import { workloadService } from "./api/workload-service.js";
 import { edgeService } from "./api/edge-service.js";
 import { HostEdgeDataPlane } from "../edge/dataplane.js";
-import { EdgeRoutes } from "../edge/manager.js";
+import { EdgeRoutes, routeKey } from "../edge/manager.js";
 import { RouteRepo } from "../edge/repo.js";
 import { FabricEdgeLink } from "./expose/link.js";
 import { Exposures } from "./expose/manager.js";
@@ -406,6 +406,14 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
       await routes.start();
       if (stopping) return;
       edgeRoutes = routes;
+      metrics.registerEdge(async () =>
+        (await routes.views()).map((v) => ({
+          route: routeKey(v),
+          kind: v.kind,
+          health: v.health,
+          cert: v.cert,
+        })),
+      );
     } catch (e) {
       const delay = Math.min(30_000, 1000 * 2 ** attempt);
       log.error({ err: (e as Error).message, retryInMs: delay }, "edge start failed");

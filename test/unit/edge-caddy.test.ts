@@ -1,13 +1,14 @@
 // The Caddy supervisor and applier over fakes: layout, bootstrap config, ensure's decisions
 // (adopt, start, report one that dies at start), watch restarting a dead Caddy, and apply
-// (skip unchanged, load on change, a rejected load keeps the old config, resync after restart).
+// (the static plan: load once, skip while Caddy runs it, load again after a Caddy restart; a
+// rejected load keeps the old config).
 import { mkdtempSync, readFileSync, rmSync, writeFileSync, mkdirSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import t, { type Test } from "tap";
 import { CaddyEdge, CaddySupervisor, caddyPaths, renderBootstrapConfig } from "../../src/edge/caddy.js";
 import { FakeCaddyAdmin } from "../../src/edge/fakes.js";
-import type { EdgeRoute } from "../../src/edge/plan.js";
+import { planCaddyConfig } from "../../src/edge/plan.js";
 import { isCapsuleError } from "../../src/errors.js";
 import { type Clock, FakeClock } from "../../src/node/host/clock.js";
 import { FakeRunner } from "../../src/node/host/runner.js";
@@ -212,62 +213,85 @@ const sortKeys = (v: unknown): unknown =>
         )
       : v;
 
-const ROUTE: EdgeRoute = { host: "app.lab.test", upstream: "100.64.0.9:8080", workload: "web", capsule: "a" };
 const PLAN = {
   adminSocket: "/s/caddy/admin.sock",
   storageDir: "/s/caddy/storage",
   acmeCa: "internal",
   httpPort: 80,
   httpsPort: 443,
+  router: { proxy: "127.0.44.3:8081", ask: "http://127.0.44.3:8082/ask" },
 };
 
-t.test("apply loads on change, skips when Caddy already runs the plan", async (t) => {
+t.test("apply loads the static plan once, then skips while Caddy runs it", async (t) => {
   const admin = new FakeCaddyAdmin();
   const edge = new CaddyEdge({ admin, plan: PLAN });
-  const a = await edge.apply([ROUTE]);
+  const a = await edge.apply();
   t.equal(a.changed, true);
   t.equal(admin.loads.length, 1);
   t.same(admin.current, a.config);
+  t.same(a.config, planCaddyConfig(PLAN), "the config loaded is the plan");
 
-  t.equal((await edge.apply([ROUTE])).changed, false, "unchanged: skipped");
-  t.equal(admin.attempts, 1);
+  const again = await edge.apply();
+  t.equal(again.changed, false, "unchanged: skipped");
+  t.same(again.config, a.config);
+  t.equal(admin.attempts, 1, "the second apply loads nothing");
 
   // Caddy reports keys sorted (Go maps); still equal.
   admin.current = sortKeys(admin.current);
-  t.equal((await edge.apply([ROUTE])).changed, false);
+  t.equal((await edge.apply()).changed, false);
+  t.equal(admin.attempts, 1);
 
-  const b = await edge.apply([ROUTE, { ...ROUTE, host: "b.lab.test" }]);
-  t.equal(b.changed, true);
+  // A second applier with the same options (a restarted capsuled) loads nothing either.
+  const other = new CaddyEdge({ admin, plan: { ...PLAN, router: { ...PLAN.router } } });
+  t.equal((await other.apply()).changed, false);
+  t.equal(admin.attempts, 1);
+
+  // A restarted Caddy is back on its bootstrap config: the next apply loads the plan again.
+  admin.current = renderBootstrapConfig(caddyPaths("/s"));
+  const r = await edge.apply();
+  t.equal(r.changed, true);
   t.equal(admin.loads.length, 2);
-  t.equal((await edge.apply([])).changed, true, "removing every route is a change too");
+  t.same(admin.current, a.config);
+
+  // Concurrent calls run one at a time: only the first loads.
+  admin.current = null;
+  const both = await Promise.all([edge.apply(), edge.apply()]);
+  t.strictSame(
+    both.map((x) => x.changed),
+    [true, false],
+  );
+  t.equal(admin.loads.length, 3);
 });
 
 t.test("apply: a rejected load throws and the old config stays", async (t) => {
   const admin = new FakeCaddyAdmin();
-  const edge = new CaddyEdge({ admin, plan: PLAN });
-  const first = await edge.apply([ROUTE]);
-  admin.rejectWhen(() => "loading http app module: listen tcp :443: bind: address already in use");
-  await t.rejects(edge.apply([{ ...ROUTE, upstream: "100.64.0.10:8080" }]), {
+  const first = await new CaddyEdge({ admin, plan: PLAN }).apply();
+  // Another plan (other port) that Caddy rejects.
+  const edge = new CaddyEdge({ admin, plan: { ...PLAN, httpsPort: 8443 } });
+  admin.rejectWhen(() => "loading http app module: listen tcp :8443: bind: address already in use");
+  await t.rejects(edge.apply(), {
     code: "CAPSULE_INVALID_CONFIG",
     message: /^caddy rejected the config: loading http app module/,
   });
   t.same(admin.current, first.config, "old config still serving");
   t.equal(admin.loads.length, 1);
+  t.equal(admin.attempts, 2);
 
-  // Invalid routes never reach Caddy.
+  // The queue survives a failure: once Caddy accepts, the same applier loads.
   admin.rejectWhen(undefined);
+  const ok = await edge.apply();
+  t.equal(ok.changed, true);
+  t.same(admin.current, planCaddyConfig({ ...PLAN, httpsPort: 8443 }));
+
+  // An invalid plan never reaches Caddy.
   const attempts = admin.attempts;
+  const bad = new CaddyEdge({ admin, plan: { ...PLAN, router: { ...PLAN.router, proxy: "nope" } } });
   try {
-    await edge.apply([{ ...ROUTE, host: "nope" }]);
+    await bad.apply();
     t.fail("accepted");
   } catch (e) {
     t.ok(isCapsuleError(e, "CAPSULE_INVALID_ARGUMENT"));
+    t.match((e as Error).message, /^router\.proxy: /);
   }
   t.equal(admin.attempts, attempts);
-
-  // resync re-applies the last accepted routes (a restarted Caddy is back on its bootstrap).
-  admin.current = { admin: {} };
-  const r = await edge.resync();
-  t.equal(r?.changed, true);
-  t.same(admin.current, first.config);
 });

@@ -1,27 +1,31 @@
 // The edge data plane over fakes (runner, spawner, Caddy admin, HAProxy's sockets): start adopts
 // or starts both and installs the hand-off; apply validates everything before any effect, then
-// changes each component only when it differs (exact nft/haproxy command lines); a rejected
-// HAProxy config changes nothing; stop leaves everything running; status() decides certificate
-// and health states; the status helpers; and FakeEdgeDataPlane.
+// changes each component only when it differs (exact nft/haproxy command lines): Caddy's static
+// config is loaded once (at start), HTTPS routes go to HAProxy's routes map through the runtime
+// API (no reload), only passthrough changes reload HAProxy; a new HTTPS host gets a warm-up TLS
+// handshake; a rejected HAProxy config changes nothing; stop leaves everything running;
+// status() decides certificate and health states; the status helpers; and FakeEdgeDataPlane.
 import { execFileSync } from "node:child_process";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { createServer as createTlsServer } from "node:tls";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { pino } from "pino";
 import t, { type Test } from "tap";
 import { caddyPaths, renderBootstrapConfig } from "../../src/edge/caddy.js";
-import { type EdgeDesired, HostEdgeDataPlane, validateDesired } from "../../src/edge/dataplane.js";
+import {
+  ASK_BIND,
+  type EdgeDesired,
+  HostEdgeDataPlane,
+  ROUTER_BIND,
+  validateDesired,
+} from "../../src/edge/dataplane.js";
 import { FakeCaddyAdmin, FakeEdgeDataPlane } from "../../src/edge/fakes.js";
 import { haproxyPaths } from "../../src/edge/haproxy.js";
-import { planHaproxyConfig } from "../../src/edge/haproxy-plan.js";
+import { planHaproxyConfig, planRoutesMap } from "../../src/edge/haproxy-plan.js";
 import { planEdgeNft, renderEdgeTable } from "../../src/edge/nft-plan.js";
-import {
-  certStatus,
-  httpHealth,
-  issuerKey,
-  lastCertEvents,
-  passthroughHealth,
-} from "../../src/edge/status.js";
+import { canonicalJson, planCaddyConfig } from "../../src/edge/plan.js";
+import { certStatus, issuerKey, lastCertEvents, passthroughHealth } from "../../src/edge/status.js";
 import type { Clock } from "../../src/node/host/clock.js";
 import { FakeRunner } from "../../src/node/host/runner.js";
 import { FakeSpawner } from "../../src/node/host/spawner.js";
@@ -48,7 +52,14 @@ const DESIRED: EdgeDesired = {
 /** A fake world: Caddy and HAProxy "start" when spawned; HAProxy's master counts SIGUSR2s. */
 function setup(
   t: Test,
-  opts: { caddyUp?: boolean; haproxyUp?: boolean; liveNft?: string; alive?: number[]; dir?: string } = {},
+  opts: {
+    caddyUp?: boolean;
+    haproxyUp?: boolean;
+    liveNft?: string;
+    alive?: number[];
+    dir?: string;
+    httpsPort?: number;
+  } = {},
 ) {
   const dir = opts.dir ?? mkdtempSync(join(tmpdir(), "capsule-edge-dp-"));
   t.teardown(() => rmSync(dir, { recursive: true, force: true }));
@@ -57,7 +68,24 @@ function setup(
   const admin = new FakeCaddyAdmin();
   admin.up = opts.caddyUp ?? false;
   if (admin.up) admin.current = renderBootstrapConfig(cp);
-  const hap = { up: opts.haproxyUp ?? false, reloads: 0, failNext: false, checkFails: "" };
+  const mapFile = join(hp.dir, "routes.map");
+  /** readMap is what a starting or reloading HAProxy loads: the map file's `key value` lines. */
+  const readMap = () =>
+    existsSync(mapFile) ? readFileSync(mapFile, "utf8").split("\n").filter(Boolean) : undefined;
+  const hap = {
+    up: opts.haproxyUp ?? false,
+    reloads: 0,
+    failNext: false,
+    checkFails: "",
+    /** map is the live routes map (undefined: HAProxy did not load one). */
+    map: (opts.haproxyUp ? readMap() : undefined) as string[] | undefined,
+    /** cli are the stats socket commands but `show stat`, in order. */
+    cli: [] as string[],
+    /** ignoreCommit makes `commit map` answer but change nothing. */
+    ignoreCommit: false,
+  };
+  const versions = new Map<number, string[]>();
+  let nextVersion = 1;
   let liveNft = opts.liveNft;
   const spawner = new FakeSpawner();
   const alive = new Set(opts.alive ?? []);
@@ -82,7 +110,10 @@ function setup(
       return hap.checkFails ? { exitCode: 1, stderr: hap.checkFails } : { exitCode: 0 };
     if (argv[0] === "kill" && argv[1] === "-USR2") {
       if (hap.failNext) hap.failNext = false;
-      else hap.reloads++;
+      else {
+        hap.reloads++;
+        hap.map = readMap();
+      }
       return { exitCode: 0 };
     }
     if (argv.join(" ") === "nft list table ip capsule_edge")
@@ -100,7 +131,10 @@ function setup(
     if (argv[0] === "caddy") {
       admin.up = true;
       admin.current = renderBootstrapConfig(cp);
-    } else hap.up = true;
+    } else {
+      hap.up = true;
+      hap.map = readMap();
+    }
     return pid;
   };
   const command = async (path: string, cmd: string) => {
@@ -109,7 +143,25 @@ function setup(
       return `#<PID> <type> <reloads>\n1001 master ${hap.reloads} [failed: 0] 0d\n# workers\n${2000 + hap.reloads} worker 0 0d\n`;
     if (path === hp.statsSocket && cmd === "show stat")
       return "# pxname,svname,status\npt_vault.example.com,upstream,UP\n";
-    return "";
+    if (path !== hp.statsSocket) return "";
+    hap.cli.push(cmd);
+    let out = "";
+    // The stats socket runs `a; b; c` one after the other (as HAProxy does).
+    for (const one of cmd.split("; ")) {
+      const w = one.split(" ");
+      if (one === `show map ${mapFile}`) {
+        if (!hap.map) return "Unknown map identifier. Please use #<id> or <file>.\n";
+        out += hap.map.map((l, i) => `0x55d0${i} ${l}\n`).join("");
+      } else if (one === `prepare map ${mapFile}`) {
+        versions.set(nextVersion, []);
+        out += `New version created: ${nextVersion++}\n`;
+      } else if (w[0] === "add" && w[1] === "map" && w[3] === mapFile) {
+        versions.get(Number(w[2]?.slice(1)))?.push(w.slice(4).join(" "));
+      } else if (w[0] === "commit" && w[1] === "map" && w[3] === mapFile) {
+        if (!hap.ignoreCommit) hap.map = versions.get(Number(w[2]?.slice(1)));
+      } else out += "Unknown command.\n";
+    }
+    return out;
   };
   const probes: string[] = [];
   const dp = new HostEdgeDataPlane({
@@ -121,6 +173,7 @@ function setup(
     publicAddress: "203.0.113.10",
     fabricIface: "capsule0",
     acmeCa: "internal",
+    ...(opts.httpsPort ? { httpsPort: opts.httpsPort } : {}),
     timeoutMs: 1_000,
     watchIntervalMs: 60_000,
     caddyAdmin: () => admin,
@@ -131,52 +184,121 @@ function setup(
     },
   });
   t.teardown(() => dp.stop());
-  return { dir, cp, hp, admin, hap, runner, spawner, dp, probes, nft: () => liveNft };
+  return { dir, cp, hp, admin, hap, runner, spawner, dp, probes, mapFile, nft: () => liveNft };
 }
+
+/** CADDY_PLAN is the static Caddy config the data plane loads (defaults: ports 80/443, internal CA). */
+const caddyPlan = (dir: string) =>
+  planCaddyConfig({
+    adminSocket: caddyPaths(dir).adminSocket,
+    storageDir: caddyPaths(dir).storage,
+    acmeCa: "internal",
+    httpPort: 80,
+    httpsPort: 443,
+    httpsHost: "127.0.44.3",
+    logFile: join(caddyPaths(dir).dir, "events.log"),
+    router: { proxy: ROUTER_BIND, ask: `http://${ASK_BIND}/ask` },
+  });
+
+/** liveMap renders the fake HAProxy's live map as a map file. */
+const liveMap = (hap: { map: string[] | undefined }) => (hap.map ?? []).map((l) => `${l}\n`).join("");
 
 const runs = (r: FakeRunner, prefix: string) => r.commands.filter((c) => c.startsWith(prefix));
 
-t.test("start: starts Caddy and HAProxy detached, installs the hand-off", async (t) => {
-  const { dp, spawner, runner, hp } = setup(t);
-  await dp.start();
-  t.same(
-    spawner.calls.map((c) => c.argv.slice(0, 2)),
-    [
-      ["caddy", "run"],
-      ["haproxy", "-W"],
-    ],
-  );
-  t.same(spawner.calls[1]?.argv, ["haproxy", "-W", "-S", `${hp.masterSocket},mode,600`, "-f", hp.config]);
-  t.same(runs(runner, "ip -4 rule add"), ["ip -4 rule add priority 5160 from 127.0.44.3 lookup 5160"]);
-  t.same(runs(runner, "ip -4 route replace"), ["ip -4 route replace local 0.0.0.0/0 dev lo table 5160"]);
-  t.match(readFileSync(hp.config, "utf8"), /default_backend caddy/, "HAProxy starts on an empty config");
-  t.same(await dp.pids(), { caddy: 1000, haproxy: 1001 });
-});
+t.test(
+  "start: starts Caddy and HAProxy detached, installs the hand-off, loads Caddy's static plan",
+  async (t) => {
+    const { dp, spawner, runner, hp, admin, hap, dir, mapFile } = setup(t);
+    await dp.start();
+    t.same(
+      spawner.calls.map((c) => c.argv.slice(0, 2)),
+      [
+        ["caddy", "run"],
+        ["haproxy", "-W"],
+      ],
+    );
+    t.same(spawner.calls[1]?.argv, ["haproxy", "-W", "-S", `${hp.masterSocket},mode,600`, "-f", hp.config]);
+    t.same(runs(runner, "ip -4 rule add"), ["ip -4 rule add priority 5160 from 127.0.44.3 lookup 5160"]);
+    t.same(runs(runner, "ip -4 route replace"), ["ip -4 route replace local 0.0.0.0/0 dev lo table 5160"]);
+    const cfg = readFileSync(hp.config, "utf8");
+    t.match(cfg, /default_backend caddy/, "HAProxy starts on an empty config");
+    t.match(cfg, /\nfrontend router\n\tmode http\n\tbind 127\.0\.44\.3:8081\n/, "with the router");
+    t.match(cfg, /\nfrontend ask\n\tmode http\n\tbind 127\.0\.44\.3:8082\n/, "and the ask frontend");
+    t.ok(cfg.includes(`map(${mapFile})`), "reading the routes map");
+    t.equal(readFileSync(mapFile, "utf8"), "", "an empty routes map is written before HAProxy starts");
+    t.same(hap.map, [], "HAProxy loaded it");
+    t.equal(admin.loads.length, 1, "Caddy gets its static config at start, before any route");
+    t.equal(canonicalJson(admin.current), canonicalJson(caddyPlan(dir)));
+    t.same(dp.counters, { caddyLoads: 1, haproxyReloads: 0, routerCommits: 0, nftApplies: 0 });
+    t.same(await dp.pids(), { caddy: 1000, haproxy: 1001 });
 
-t.test("start adopts running components without touching them", async (t) => {
-  const { dp, spawner, hp, dir } = setup(t, { caddyUp: true, haproxyUp: true, alive: [777, 1001] });
+    // start again: idempotent, nothing loaded.
+    await dp.start();
+    t.equal(admin.attempts, 1);
+    t.equal(spawner.calls.length, 2);
+  },
+);
+
+t.test("start adopts running components; Caddy already on the plan is not reloaded", async (t) => {
+  const { dp, spawner, hp, dir, admin, mapFile } = setup(t, {
+    caddyUp: true,
+    haproxyUp: true,
+    alive: [777, 1001],
+  });
   mkdirSync(hp.dir, { recursive: true });
   mkdirSync(join(dir, "caddy"), { recursive: true });
   writeFileSync(join(dir, "caddy", "caddy.pid"), "777\n");
   writeFileSync(hp.pidFile, "1001\n");
+  writeFileSync(mapFile, "a.example.com 100.64.1.1:80\n");
+  admin.current = caddyPlan(dir);
   await dp.start();
   t.equal(spawner.calls.length, 0, "nothing spawned");
+  t.equal(admin.attempts, 0, "Caddy untouched");
+  t.equal(readFileSync(mapFile, "utf8"), "a.example.com 100.64.1.1:80\n", "an existing map file is kept");
   t.same(await dp.pids(), { caddy: 777, haproxy: 1001 });
 });
 
-t.test("apply: each component once, then nothing on the same state", async (t) => {
-  const { dp, runner, admin, hap, hp, nft } = setup(t);
+t.test("start: an adopted Caddy back on its bootstrap config gets the plan", async (t) => {
+  const { dp, spawner, dir, admin } = setup(t, { caddyUp: true, alive: [777] });
+  mkdirSync(join(dir, "caddy"), { recursive: true });
+  writeFileSync(join(dir, "caddy", "caddy.pid"), "777\n");
   await dp.start();
-  await dp.apply(DESIRED);
-  t.equal(admin.loads.length, 1, "Caddy loaded once");
-  t.match(JSON.stringify(admin.current), /"listen":\["127\.0\.44\.3:443"\]/, "Caddy behind HAProxy");
-  t.match(
-    JSON.stringify(admin.current),
-    /"subjects":\["app\.example\.com"\]/,
-    "certificates only for http hosts",
+  t.same(
+    spawner.calls.map((c) => c.argv[0]),
+    ["haproxy"],
+    "Caddy adopted",
   );
-  t.notMatch(JSON.stringify(admin.current), /vault/, "no Caddy config for the passthrough host");
-  t.equal(hap.reloads, 1, "HAProxy reloaded once");
+  t.equal(admin.loads.length, 1);
+  t.equal(canonicalJson(admin.current), canonicalJson(caddyPlan(dir)));
+  t.equal(dp.counters.caddyLoads, 1);
+});
+
+t.test("apply: each component once, then nothing on the same state", async (t) => {
+  const { dp, runner, admin, hap, hp, nft, dir, mapFile } = setup(t);
+  await dp.start();
+  const cliBefore = hap.cli.length;
+  await dp.apply(DESIRED);
+  t.equal(admin.loads.length, 1, "Caddy not loaded again: its config does not depend on the routes");
+  const caddy = JSON.stringify(admin.current);
+  t.match(caddy, /"listen":\["127\.0\.44\.3:443"\]/, "Caddy behind HAProxy");
+  t.match(caddy, /"dial":"127\.0\.44\.3:8081"/, "Caddy proxies to HAProxy's router");
+  t.match(caddy, /"on_demand":\{"ask":"http:\/\/127\.0\.44\.3:8082\/ask"\}/, "on-demand TLS asks the router");
+  t.notMatch(caddy, /example\.com|100\.64/, "no route in Caddy's config");
+  t.equal(readFileSync(mapFile, "utf8"), "app.example.com 100.64.1.1:8080\n", "http hosts in the map file");
+  t.equal(readFileSync(mapFile, "utf8"), planRoutesMap(validateDesired(DESIRED, 80, 443).http));
+  t.equal(liveMap(hap), "app.example.com 100.64.1.1:8080\n", "and in the live map");
+  t.notMatch(liveMap(hap), /vault/, "no passthrough host in the map (no certificate for it)");
+  t.same(
+    hap.cli.slice(cliBefore).map((c) => c.replace(/@\d+/g, "@V")),
+    [
+      `show map ${mapFile}`,
+      `prepare map ${mapFile}`,
+      `add map @V ${mapFile} app.example.com 100.64.1.1:8080; commit map @V ${mapFile}`,
+      `show map ${mapFile}`,
+    ],
+    "map updated through the runtime API in one commit",
+  );
+  t.equal(hap.reloads, 1, "HAProxy reloaded once (the passthrough host)");
   t.equal(
     readFileSync(hp.config, "utf8"),
     planHaproxyConfig({
@@ -185,6 +307,7 @@ t.test("apply: each component once, then nothing on the same state", async (t) =
       httpsPort: 443,
       caddy: "127.0.44.3:443",
       passthrough: DESIRED.passthrough,
+      router: { bind: ROUTER_BIND, askBind: ASK_BIND, map: mapFile },
     }),
   );
   const nftPlan = planEdgeNft({
@@ -199,20 +322,23 @@ t.test("apply: each component once, then nothing on the same state", async (t) =
     [`haproxy -c -q -f ${hp.next}`],
     "HAProxy config checked before the swap",
   );
-  t.same(dp.counters, { caddyLoads: 1, haproxyReloads: 1, nftApplies: 1 });
+  t.same(dp.counters, { caddyLoads: 1, haproxyReloads: 1, routerCommits: 1, nftApplies: 1 });
 
   const before = runner.commands.length;
+  const cli = hap.cli.length;
   await dp.apply(structuredClone(DESIRED));
   t.same(
     dp.counters,
-    { caddyLoads: 1, haproxyReloads: 1, nftApplies: 1 },
-    "unchanged: no load, reload or nft",
+    { caddyLoads: 1, haproxyReloads: 1, routerCommits: 1, nftApplies: 1 },
+    "unchanged: no load, commit, reload or nft",
   );
   t.same(
     runner.commands.slice(before).filter((c) => !c.startsWith("cat /proc/")),
     [],
     "and no command but the liveness check",
   );
+  t.same(hap.cli.slice(cli), [`show map ${mapFile}`], "the live map only read");
+  t.equal(admin.attempts, 1);
   t.equal(
     nft(),
     renderEdgeTable({ publicAddress: "203.0.113.10", fabricIface: "capsule0", tcp: DESIRED.tcp }),
@@ -220,7 +346,127 @@ t.test("apply: each component once, then nothing on the same state", async (t) =
 
   // Only a TCP route changes: only nft runs.
   await dp.apply({ ...DESIRED, tcp: [] });
-  t.same(dp.counters, { caddyLoads: 1, haproxyReloads: 1, nftApplies: 2 });
+  t.same(dp.counters, { caddyLoads: 1, haproxyReloads: 1, routerCommits: 1, nftApplies: 2 });
+  t.equal(canonicalJson(admin.current), canonicalJson(caddyPlan(dir)));
+});
+
+t.test("http route changes: a map commit only, no HAProxy reload, no Caddy load", async (t) => {
+  const { dp, runner, admin, hap, mapFile } = setup(t);
+  await dp.start();
+  await dp.apply(DESIRED);
+  const base = { ...dp.counters };
+  const usr2 = () => runs(runner, "kill -USR2").length;
+  const checks = () => runs(runner, "haproxy -c").length;
+  const [u0, c0] = [usr2(), checks()];
+  const cfg = readFileSync(join(dirname(mapFile), "haproxy.cfg"), "utf8");
+
+  const two: EdgeDesired = {
+    ...DESIRED,
+    http: [
+      ...DESIRED.http,
+      { host: "B.example.com", upstream: "100.64.1.5:80", workload: "b", capsule: "home" },
+    ],
+  };
+  await dp.apply(two);
+  t.same(dp.counters, { ...base, routerCommits: base.routerCommits + 1 }, "added host: routerCommits+1 only");
+  const want = "app.example.com 100.64.1.1:8080\nb.example.com 100.64.1.5:80\n";
+  t.equal(readFileSync(mapFile, "utf8"), want);
+  t.equal(liveMap(hap), want);
+  t.equal(readFileSync(join(dirname(mapFile), "haproxy.cfg"), "utf8"), cfg, "haproxy.cfg untouched");
+
+  // Another upstream for a host.
+  await dp.apply({ ...two, http: [two.http[0]!, { ...two.http[1]!, upstream: "100.64.1.6:80" }] });
+  t.equal(liveMap(hap), "app.example.com 100.64.1.1:8080\nb.example.com 100.64.1.6:80\n");
+  t.equal(dp.counters.routerCommits, base.routerCommits + 2);
+
+  // Every http host removed: an empty map, committed.
+  await dp.apply({ ...DESIRED, http: [] });
+  t.equal(liveMap(hap), "");
+  t.same(hap.map, []);
+  t.equal(readFileSync(mapFile, "utf8"), "");
+  t.same(dp.counters, { ...base, routerCommits: base.routerCommits + 3 });
+
+  t.equal(usr2(), u0, "no reload signal");
+  t.equal(checks(), c0, "no haproxy -c");
+  t.equal(admin.attempts, 1, "Caddy loaded only at start");
+  t.equal(dp.counters.caddyLoads, 1);
+  t.equal(dp.counters.haproxyReloads, base.haproxyReloads);
+});
+
+t.test("passthrough changes reload HAProxy and leave the map and Caddy alone", async (t) => {
+  const { dp, admin, hap } = setup(t);
+  await dp.start();
+  await dp.apply(DESIRED);
+  const base = { ...dp.counters };
+  const map = liveMap(hap);
+  await dp.apply({
+    ...DESIRED,
+    passthrough: [...DESIRED.passthrough, { ...DESIRED.passthrough[0]!, host: "git.example.com" }],
+  });
+  t.same(dp.counters, { ...base, haproxyReloads: base.haproxyReloads + 1 });
+  t.equal(liveMap(hap), map);
+  t.equal(hap.reloads, 2);
+  t.equal(admin.attempts, 1);
+});
+
+t.test("a live map that differs from the file (e.g. changed by hand) is committed again", async (t) => {
+  const { dp, hap, mapFile } = setup(t);
+  await dp.start();
+  await dp.apply(DESIRED);
+  hap.map = ["evil.example.com 100.64.9.9:80"];
+  await dp.apply(DESIRED);
+  t.equal(liveMap(hap), readFileSync(mapFile, "utf8"));
+  t.equal(liveMap(hap), "app.example.com 100.64.1.1:8080\n");
+  t.equal(dp.counters.routerCommits, 2);
+  t.equal(dp.counters.haproxyReloads, 1);
+});
+
+t.test("a map commit HAProxy does not take fails the apply", async (t) => {
+  const { dp, hap } = setup(t);
+  await dp.start();
+  hap.ignoreCommit = true;
+  await t.rejects(dp.apply(DESIRED), {
+    code: "CAPSULE_COMMAND_FAILED",
+    message: /did not take the new routes/,
+  });
+  t.same(hap.map, [], "live map unchanged");
+  t.equal(dp.counters.routerCommits, 0);
+  hap.ignoreCommit = false;
+  await dp.apply(DESIRED);
+  t.equal(liveMap(hap), "app.example.com 100.64.1.1:8080\n", "the next apply commits");
+  t.equal(dp.counters.routerCommits, 1);
+});
+
+t.test("new http hosts get a warm-up TLS handshake to Caddy (SNI = host), once", async (t) => {
+  const seen: string[] = [];
+  const server = createTlsServer({
+    SNICallback: (name, cb) => {
+      seen.push(name);
+      cb(new Error("no certificate in this test"));
+    },
+  });
+  server.on("tlsClientError", () => undefined);
+  await new Promise<void>((resolve) => server.listen(18443, "127.0.44.3", resolve));
+  t.teardown(() => new Promise<void>((resolve) => server.close(() => resolve())));
+  const { dp } = setup(t, { httpsPort: 18443 });
+  await dp.start();
+  const waitFor = async (n: number) => {
+    for (let i = 0; i < 200 && seen.length < n; i++) await new Promise((r) => setTimeout(r, 10));
+  };
+  await dp.apply(DESIRED);
+  await waitFor(1);
+  t.same(seen, ["app.example.com"], "the new http host, lowercased; not the passthrough host");
+  await dp.apply(DESIRED);
+  await dp.apply({
+    ...DESIRED,
+    http: [
+      ...DESIRED.http,
+      { host: "new.example.com", upstream: "100.64.1.4:80", workload: "n", capsule: "home" },
+    ],
+  });
+  await waitFor(2);
+  await new Promise((r) => setTimeout(r, 100));
+  t.same(seen, ["app.example.com", "new.example.com"], "only hosts new to the edge");
 });
 
 t.test("a new data plane object on the same state dir adopts and changes nothing", async (t) => {
@@ -229,24 +475,28 @@ t.test("a new data plane object on the same state dir adopts and changes nothing
   await w.dp.apply(DESIRED);
   const liveNft = w.nft();
   await w.dp.stop();
-  // Same state dir, same running processes and Caddy config; a fresh object and fresh fakes.
+  // Same state dir, same running processes, Caddy config and live map; a fresh object and fresh fakes.
   const again = setup(t, { caddyUp: true, haproxyUp: true, liveNft, alive: [1000, 1001], dir: w.dir });
   again.admin.current = w.admin.current;
   again.hap.reloads = w.hap.reloads;
   await again.dp.start();
   await again.dp.apply(DESIRED);
   t.equal(again.spawner.calls.length, 0, "adopted both");
+  t.equal(liveMap(again.hap), "app.example.com 100.64.1.1:8080\n");
   t.same(
     again.dp.counters,
-    { caddyLoads: 0, haproxyReloads: 0, nftApplies: 0 },
+    { caddyLoads: 0, haproxyReloads: 0, routerCommits: 0, nftApplies: 0 },
     "live state already matched",
   );
+  t.equal(again.admin.attempts, 0);
 });
 
 t.test("validation first: a bad state changes nothing and names the field", async (t) => {
-  const { dp, runner, admin } = setup(t);
+  const { dp, runner, admin, hap } = setup(t);
   await dp.start();
   const before = runner.commands.length;
+  const attempts = admin.attempts;
+  const cli = hap.cli.length;
   const cases: [string, EdgeDesired, string][] = [
     ["host", { ...DESIRED, http: [{ ...DESIRED.http[0]!, host: "nope" }] }, "http.host"],
     [
@@ -283,7 +533,8 @@ t.test("validation first: a bad state changes nothing and names the field", asyn
     await t.rejects(dp.apply(d), { code: "CAPSULE_INVALID_ARGUMENT", details: { field } }, name);
   }
   t.equal(runner.commands.length, before, "no command ran");
-  t.equal(admin.attempts, 0, "Caddy untouched");
+  t.equal(admin.attempts, attempts, "Caddy untouched");
+  t.equal(hap.cli.length, cli, "HAProxy's map untouched");
 });
 
 t.test("apply before start is refused", async (t) => {
@@ -336,7 +587,7 @@ t.test("status: certificates, health of each kind", async (t) => {
     ...DESIRED,
     http: [
       ...DESIRED.http,
-      { host: "new.example.com", upstream: "100.64.1.4:80", workload: "n", capsule: "home" },
+      { host: "new.example.com", upstream: "100.64.1.4:22", workload: "n", capsule: "home" },
     ],
   });
   const crtDir = join(cp.storage, "certificates", "local", "app.example.com");
@@ -366,10 +617,6 @@ t.test("status: certificates, health of each kind", async (t) => {
     join(cp.dir, "events.log"),
     `${JSON.stringify({ level: "error", ts: 1, logger: "tls.obtain", msg: "could not get certificate from issuer", identifier: "new.example.com", error: "HTTP 400 urn:ietf:params:acme:error:connection" })}\n`,
   );
-  admin.upstreamList = [
-    { address: "100.64.1.1:8080", num_requests: 0, fails: 0 },
-    { address: "100.64.1.4:80", num_requests: 0, fails: 3 },
-  ];
   const s = await dp.status();
   t.same(
     s.map((x) => [x.kind, x.key, x.cert, x.health]),
@@ -386,11 +633,13 @@ t.test("status: certificates, health of each kind", async (t) => {
     "could not get certificate from issuer: HTTP 400 urn:ietf:params:acme:error:connection",
   );
   t.ok(probes.includes("100.64.1.3:22"), "tcp route probed");
+  t.ok(probes.includes("100.64.1.1:8080") && probes.includes("100.64.1.4:22"), "http upstreams probed");
+  // http health is the TCP probe of the upstream only: Caddy's admin API is not asked.
   admin.up = false;
   t.same(
     (await dp.status()).filter((x) => x.kind === "http").map((x) => x.health),
-    ["unknown", "unknown"],
-    "Caddy not answering: unknown",
+    ["healthy", "unhealthy"],
+    "Caddy's admin not answering changes nothing",
   );
 });
 
@@ -439,16 +688,6 @@ t.test("status helpers", async (t) => {
   });
   t.same(certStatus("garbage", { ok: true, error: "", ts: 1 }, 0), { cert: "pending", certDetail: "" });
 
-  t.equal(httpHealth("1.2.3.4:80", undefined, true), "unknown");
-  t.equal(httpHealth("1.2.3.4:80", [{ address: "1.2.3.4:80", num_requests: 0, fails: 0 }], true), "healthy");
-  t.equal(
-    httpHealth("1.2.3.4:80", [{ address: "1.2.3.4:80", num_requests: 0, fails: 0 }], false),
-    "unhealthy",
-  );
-  t.equal(
-    httpHealth("1.2.3.4:80", [{ address: "1.2.3.4:80", num_requests: 0, fails: 3 }], true),
-    "unhealthy",
-  );
   const rows = [
     { proxy: "pt_a.example.com", server: "upstream", status: "UP 1/3" },
     { proxy: "pt_b.example.com", server: "upstream", status: "DOWN" },

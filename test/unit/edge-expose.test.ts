@@ -419,3 +419,30 @@ t.test(
     t.equal(e.list().length, 1, "and kept until unexposed");
   },
 );
+
+t.test("EdgeRoutes.checkHealth logs a route going unhealthy or its certificate failing, once", async (t) => {
+  const lines: { msg: string; route: string; health: string; cert: string }[] = [];
+  const logger = pino({ level: "info" }, { write: (s: string) => void lines.push(JSON.parse(s)) });
+  const dp = new FakeEdgeDataPlane();
+  const routes = new EdgeRoutes({
+    repo: new RouteRepo(openStore(t)),
+    dataplane: dp,
+    publicAddress: "192.0.2.10",
+    reservedPorts: () => [],
+    clock: new FakeClock(),
+    log: logger,
+  });
+  await routes.add(req());
+  dp.statuses = [{ kind: "http", key: "web.capsule.test", cert: "valid", certDetail: "", health: "healthy" }];
+  await routes.checkHealth();
+  dp.statuses = [
+    { kind: "http", key: "web.capsule.test", cert: "valid", certDetail: "", health: "unhealthy" },
+  ];
+  await routes.checkHealth();
+  await routes.checkHealth();
+  const states = lines
+    .filter((l) => l.route === "web.capsule.test" && l.msg.startsWith("edge route ") && l.health)
+    .map((l) => `${l.msg} ${l.health}`);
+  t.same(states, ["edge route state healthy", "edge route degraded unhealthy"], "one line per change");
+  await routes.stop();
+});

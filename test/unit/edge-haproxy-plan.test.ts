@@ -1,8 +1,14 @@
-// The HAProxy plan (golden config for passthrough hosts and none, determinism, validation) and
+// The HAProxy plan (golden config for passthrough hosts and none, with the HTTP router and the
+// on-demand TLS ask frontend; the routes map; determinism, validation) and
 // the parsers of HAProxy's runtime API answers (`show proc`, `show stat`).
 import t from "tap";
 import { parseShowProc, parseShowStat } from "../../src/edge/haproxy.js";
-import { type HaproxyPlanOptions, planHaproxyConfig } from "../../src/edge/haproxy-plan.js";
+import {
+  type HaproxyPlanOptions,
+  planHaproxyConfig,
+  planRoutesMap,
+  ROUTER_BACKEND,
+} from "../../src/edge/haproxy-plan.js";
 import { isCapsuleError } from "../../src/errors.js";
 
 const BASE: HaproxyPlanOptions = {
@@ -11,6 +17,11 @@ const BASE: HaproxyPlanOptions = {
   httpsPort: 443,
   caddy: "127.0.44.3:443",
   passthrough: [],
+  router: {
+    bind: "127.0.44.3:8081",
+    askBind: "127.0.44.3:8082",
+    map: "/var/lib/capsule/haproxy/routes.map",
+  },
 };
 
 const head = [
@@ -40,6 +51,32 @@ const caddy = [
   "\tsource 0.0.0.0 usesrc clientip",
   "\tserver caddy 127.0.44.3:443",
 ];
+const router = [
+  "",
+  "frontend router",
+  "\tmode http",
+  "\tbind 127.0.44.3:8081",
+  "\ttimeout client 5m",
+  "\thttp-request set-var(txn.upstream) req.hdr(host),field(1,:),lower,map(/var/lib/capsule/haproxy/routes.map)",
+  '\thttp-request return status 404 content-type text/plain string "no route for this host" if !{ var(txn.upstream) -m found }',
+  "\tdefault_backend routes",
+  "",
+  "backend routes",
+  "\tmode http",
+  "\ttimeout server 5m",
+  "\thttp-request set-dst var(txn.upstream),field(1,:)",
+  "\thttp-request set-dst-port var(txn.upstream),field(2,:)",
+  "\tretry-on conn-failure empty-response",
+  "\tretries 2",
+  "\tserver fabric 0.0.0.0:0",
+  "",
+  "frontend ask",
+  "\tmode http",
+  "\tbind 127.0.44.3:8082",
+  "\ttimeout client 10s",
+  "\thttp-request return status 200 if { url_param(domain),lower,map(/var/lib/capsule/haproxy/routes.map) -m found }",
+  "\thttp-request return status 404",
+];
 
 t.test(
   "passthrough hosts: SNI to their backend with a TCP check, the rest to Caddy transparently",
@@ -64,6 +101,7 @@ t.test(
         "",
         "backend pt_vault.example.com",
         "\tserver upstream 100.64.2.3:8443 check inter 2s fall 3 rise 2",
+        ...router,
         "",
       ].join("\n"),
     );
@@ -71,7 +109,64 @@ t.test(
 );
 
 t.test("no passthrough hosts: everything goes to Caddy", async (t) => {
-  t.equal(planHaproxyConfig(BASE), [...head, ...caddy, ""].join("\n"));
+  t.equal(planHaproxyConfig(BASE), [...head, ...caddy, ...router, ""].join("\n"));
+});
+
+t.test("router: binds, map path and backend follow the options", async (t) => {
+  const text = planHaproxyConfig({
+    ...BASE,
+    router: { bind: "10.9.8.7:7001", askBind: "10.9.8.7:7002", map: "/tmp/x/hosts.map" },
+  });
+  const frontend = (name: string) => {
+    const i = text.indexOf(`\nfrontend ${name}\n`);
+    t.ok(i >= 0, `frontend ${name} present`);
+    const end = text.indexOf("\n\n", i + 1);
+    return text
+      .slice(i + 1, end < 0 ? undefined : end)
+      .split("\n")
+      .filter(Boolean);
+  };
+  const r = frontend("router");
+  t.ok(r.includes("\tbind 10.9.8.7:7001"));
+  t.ok(
+    r.includes("\thttp-request set-var(txn.upstream) req.hdr(host),field(1,:),lower,map(/tmp/x/hosts.map)"),
+  );
+  t.ok(r.includes(`\tdefault_backend ${ROUTER_BACKEND}`));
+  t.ok(
+    r.some((l) =>
+      /return status 404 .*"no route for this host" if !\{ var\(txn\.upstream\) -m found \}/.test(l),
+    ),
+  );
+  const a = frontend("ask");
+  t.ok(a.includes("\tbind 10.9.8.7:7002"));
+  t.ok(
+    a.includes(
+      "\thttp-request return status 200 if { url_param(domain),lower,map(/tmp/x/hosts.map) -m found }",
+    ),
+  );
+  t.equal(a[a.length - 1], "\thttp-request return status 404", "anything else: 404 (no certificate)");
+  t.equal(ROUTER_BACKEND, "routes");
+  t.match(text, /\nbackend routes\n\tmode http\n/);
+  t.notMatch(text, /7001[\s\S]*7001/, "router bound once");
+  // The routes are not in haproxy.cfg (they live in the map): a passthrough-free config does not
+  // depend on them.
+  t.notMatch(text, /use_backend (?!pt_)/);
+});
+
+t.test("planRoutesMap: one lowercased `host ip:port` line per route, sorted", async (t) => {
+  t.equal(planRoutesMap([]), "");
+  const routes = [
+    { host: "www.Example.com", upstream: "100.64.0.7:8080" },
+    { host: "API.example.com", upstream: "100.64.1.2:9000" },
+    { host: "b.example.com", upstream: "100.64.0.3:80" },
+  ];
+  const text = planRoutesMap(routes);
+  t.equal(
+    text,
+    "api.example.com 100.64.1.2:9000\nb.example.com 100.64.0.3:80\nwww.example.com 100.64.0.7:8080\n",
+  );
+  t.equal(planRoutesMap([...routes].reverse()), text, "order-independent");
+  t.equal(routes[0]!.host, "www.Example.com", "input not mutated");
 });
 
 t.test("deterministic", async (t) => {
@@ -94,6 +189,13 @@ t.test("validation names the field", async (t) => {
     ["host", { passthrough: [{ ...pt, host: "a b" }] }, "passthrough.host"],
     ["upstream", { passthrough: [{ ...pt, upstream: "100.64.0.1" }] }, "passthrough.upstream"],
     ["duplicate", { passthrough: [pt, { ...pt, host: "A.example.com" }] }, "passthrough.host"],
+    ["router bind", { router: { ...BASE.router, bind: "127.0.44.3" } }, "router.bind"],
+    ["router bind host", { router: { ...BASE.router, bind: "localhost:8081" } }, "router.bind"],
+    ["ask bind", { router: { ...BASE.router, askBind: "127.0.44.3:0" } }, "router.askBind"],
+    ["ask bind ip", { router: { ...BASE.router, askBind: "300.0.0.1:8082" } }, "router.askBind"],
+    ["relative map", { router: { ...BASE.router, map: "routes.map" } }, "router.map"],
+    ["map with space", { router: { ...BASE.router, map: "/a b/routes.map" } }, "router.map"],
+    ["map with newline", { router: { ...BASE.router, map: "/a\nb/routes.map" } }, "router.map"],
   ];
   for (const [name, o, field] of cases) {
     try {

@@ -29,7 +29,7 @@ const table = (elements: string) =>
     "\t\ttype filter hook forward priority filter; policy accept;",
     "\t\tct state established,related accept",
     '\t\tiifname != "capsule0" oifname "capsule0" ct status dnat accept',
-    '\t\tiifname != "capsule0" oifname "capsule0" drop',
+    '\t\tiifname != "capsule0" iifname != "cw*" oifname "capsule0" drop',
     "\t}",
     "}",
     "",
