@@ -70,6 +70,9 @@ export class UnixCaddyAdmin implements CaddyAdmin {
         path,
         headers: body === undefined ? { host: "" } : { host: "", "content-type": "application/json" },
         body,
+        // A new connection per call: a config load restarts Caddy's admin server and closes
+        // kept-alive connections, and the next call on one would fail with EPIPE (seen in CI).
+        reset: true,
         headersTimeout: timeoutMs,
         bodyTimeout: timeoutMs,
         signal: AbortSignal.timeout(timeoutMs),

@@ -514,7 +514,7 @@ async function scenario(sb: Sandbox, cgroupParent: string, track: Track) {
       t.same(await containers.status("job.4"), { id: "job.4", state: "stopped", exitCode: 7 });
       // Two pipes into one file: each line whole, but no order between stdout and stderr, and the
       // shim may copy the last bytes a moment after the task exits (seen under load): wait, bounded.
-      await waitFor(async () => (await readLogs("job.4")).split("\n").length >= 3, 5_000);
+      await waitFor(async () => (await readLogs("job.4")).split("\n").length >= 3, 15_000);
       t.same((await readLogs("job.4")).split("\n").sort(), ["", "err", "out"]);
       t.match(await containers.run(job), { action: "started" }, "run starts a stopped container again");
       await t.rejects(containers.run({ ...job, command: ["sh", "-c", "exit 0"] }), {
