@@ -246,6 +246,7 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
       name: config.name,
       version: VERSION,
       startedAt,
+      edgeAddress: config.edge ? (config.publicAddress ?? "") : "",
       fabric: () => ({
         address: fabric?.isStarted() ? fabric.address : "",
         wireguardMode: fabric?.wireguardMode ?? "",

@@ -25,6 +25,8 @@ export interface CapsuleServiceDeps extends RpcDeps {
   startedAt: number;
   /** fabric reports the fabric address and WireGuard mode once the fabric exists (optional). */
   fabric?: () => { address: string; wireguardMode: string };
+  /** edgeAddress is the public address when this capsule is an edge, "" otherwise (optional). */
+  edgeAddress?: string;
 }
 
 const SVC = "/capsule.v1.Capsule";
@@ -81,6 +83,7 @@ export function capsuleService(d: CapsuleServiceDeps): CapsuleHandlers {
         uptimeSeconds: (d.clock.now() - d.startedAt) / 1000,
         kernel: release(),
         wireguardMode: fabric.wireguardMode,
+        edgeAddress: d.edgeAddress ?? "",
         fingerprint: d.identity.fingerprint,
         claimOpen: closes !== undefined,
         claimClosesAt: closes === undefined ? "" : new Date(closes).toISOString(),
