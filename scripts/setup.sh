@@ -12,6 +12,7 @@ declare -A NEED=(
   [busybox]=busybox-static [openssl]=openssl [unshare]=util-linux [nsenter]=util-linux
   [g++]=g++ [make]=make [python3]=python3 [curl]=curl [socat]=socat [iperf3]=iperf3
   [docker-registry]=docker-registry [dnsmasq]=dnsmasq-base [haproxy]=haproxy [wrk]=wrk
+  [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [qemu-ga]=qemu-guest-agent
 )
 missing=()
 for cmd in "${!NEED[@]}"; do

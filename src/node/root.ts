@@ -41,6 +41,7 @@ import { PolicyRepo } from "./policy/repo.js";
 import { Containerd } from "./runtime/containerd.js";
 import { GrpcContainerdApi } from "./runtime/containerd-api.js";
 import { Containers } from "./runtime/containers.js";
+import { detectAccel } from "./runtime/qemu-accel.js";
 import { FifoPipes } from "./runtime/exec-pipes.js";
 import { Images } from "./runtime/images.js";
 import { WorkloadNet } from "./runtime/netns.js";
@@ -233,6 +234,19 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     }
   }
 
+  // MicroVMs: which accelerator QEMU can really use here (KVM is tried with a canary guest; a
+  // /dev/kvm that cannot run a guest falls back to TCG). In the background: start is not delayed.
+  let vmAccel = "";
+  // Bounded at 1.5 s a candidate: a KVM that runs guests that slowly is not worth waiting for.
+  if (config.fabric)
+    void detectAccel(runner, { timeoutMs: 1_500 }).then(
+      (a) => {
+        vmAccel = a.accel;
+        log.info({ accel: a.accel, cpu: a.cpu, reason: a.reason }, "microVM accelerator");
+      },
+      (e: Error) => log.warn({ err: e.message }, "microVM accelerator not detected"),
+    );
+
   const proto = loadProto();
   const deps = { auth, metrics, log };
   server.addService(
@@ -247,6 +261,7 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
       version: VERSION,
       startedAt,
       edgeAddress: config.edge ? (config.publicAddress ?? "") : "",
+      vmAccel: () => vmAccel,
       fabric: () => ({
         address: fabric?.isStarted() ? fabric.address : "",
         wireguardMode: fabric?.wireguardMode ?? "",

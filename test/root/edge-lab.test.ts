@@ -279,11 +279,9 @@ if (!isRoot()) {
       1000,
     );
     t.ok(healthy >= 0, "every upstream healthy");
-    t.match(
-      await ctl(lab, ["--capsule", "edge", "capsule", "info", "-o", "wide"]),
-      /\s192\.0\.2\.10\s/,
-      "capsule info -o wide: the edge's public address",
-    );
+    const info = await ctl(lab, ["--capsule", "edge", "capsule", "info", "-o", "wide"]);
+    t.match(info, /\s192\.0\.2\.10\s/, "capsule info -o wide: the edge's public address");
+    t.match(info, /\s(kvm|tcg)\s/, "and the microVM accelerator it detected");
     t.match(await ctl(lab, ["--all", "edge", "list"]), /homeB\s+web\.capsule\.test/, "fan-out edge list");
 
     // The edge's capsuled SIGKILLed and restarted under a request loop: no request fails.

@@ -16,6 +16,7 @@ export const INFO_VIEW: View<InfoResponse__Output, InfoResponse__Output> = {
     { header: "KERNEL", get: (r) => r.kernel },
     { header: "WIREGUARD", get: (r) => r.wireguardMode },
     { header: "EDGE", get: (r) => r.edgeAddress || "-", wide: true },
+    { header: "VM-ACCEL", get: (r) => r.vmAccel || "-", wide: true },
     { header: "FINGERPRINT", get: (r) => r.fingerprint, wide: true },
     { header: "CLAIM", get: (r) => (r.claimOpen ? `open until ${r.claimClosesAt}` : "closed"), wide: true },
     { header: "OPERATORS", get: (r) => r.operatorCount, wide: true },

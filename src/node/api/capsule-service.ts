@@ -27,6 +27,8 @@ export interface CapsuleServiceDeps extends RpcDeps {
   fabric?: () => { address: string; wireguardMode: string };
   /** edgeAddress is the public address when this capsule is an edge, "" otherwise (optional). */
   edgeAddress?: string;
+  /** vmAccel reports the microVM accelerator detected at start ("" until probed; optional). */
+  vmAccel?: () => string;
 }
 
 const SVC = "/capsule.v1.Capsule";
@@ -84,6 +86,7 @@ export function capsuleService(d: CapsuleServiceDeps): CapsuleHandlers {
         kernel: release(),
         wireguardMode: fabric.wireguardMode,
         edgeAddress: d.edgeAddress ?? "",
+        vmAccel: d.vmAccel?.() ?? "",
         fingerprint: d.identity.fingerprint,
         claimOpen: closes !== undefined,
         claimClosesAt: closes === undefined ? "" : new Date(closes).toISOString(),
