@@ -1,9 +1,10 @@
-// Runs the whole suite tier by tier (lint, typecheck, unit, e2e, root) and closes with one
-// line "N passed, N failed, N skipped" summed over the tiers. Exits non-zero if anything failed.
-// Usage: node scripts/test.mjs [tier...]   (tiers: unit e2e root lab-qemu; default: unit e2e root)
+// Runs the whole suite tier by tier (lint, typecheck, unit, e2e, root, lab-qemu) and closes with
+// one line "N passed, N failed, N skipped" summed over the tiers. Exits non-zero if anything
+// failed. Usage: node scripts/test.mjs [tier...]   (default: unit e2e root lab-qemu; the
+// lab-qemu tier boots a tiny guest under TCG, about 30 s)
 import { spawnSync } from "node:child_process";
 
-const tiers = process.argv.slice(2).length ? process.argv.slice(2) : ["unit", "e2e", "root"];
+const tiers = process.argv.slice(2).length ? process.argv.slice(2) : ["unit", "e2e", "root", "lab-qemu"];
 let failedStep = false;
 function step(label, cmd, args) {
   process.stdout.write(`\n== ${label}\n`);
