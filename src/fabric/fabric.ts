@@ -31,6 +31,8 @@ export const WG_KEY_FILE = "wg.key";
 export const KEY_SWITCH_GRACE_MS = 250;
 /** RESYNC_MS is the period of the full repair pass (re-apply WireGuard, re-push inventory). */
 export const RESYNC_MS = 30_000;
+/** START_STEP_TIMEOUT_MS bounds each step of {@link Fabric.start} (the interface, the address, the first sync...). */
+export const START_STEP_TIMEOUT_MS = 20_000;
 /** HANDSHAKE_UP_SECONDS: a peer with a handshake this recent counts as up. */
 export const HANDSHAKE_UP_SECONDS = 180;
 
@@ -103,7 +105,7 @@ export interface FabricIdentity {
   edge?: boolean;
 }
 
-/** FabricOptions wires the fabric's collaborators (all required except resyncMs). */
+/** FabricOptions wires the fabric's collaborators (all required except those marked optional with `?`). */
 export interface FabricOptions {
   repo: FabricRepo;
   dataplane: Dataplane;
@@ -114,6 +116,8 @@ export interface FabricOptions {
   stateDir: string;
   self: FabricIdentity;
   resyncMs?: number;
+  /** startStepTimeoutMs: see {@link START_STEP_TIMEOUT_MS}. */
+  startStepTimeoutMs?: number;
   /** keySwitchGraceMs: see {@link KEY_SWITCH_GRACE_MS} (tests set 0). */
   keySwitchGraceMs?: number;
   /** onChange is told after every applied change of peers or inventories (policy and edge recompile). */
@@ -199,26 +203,75 @@ export class Fabric {
 
   /**
    * start brings the fabric up, adopting an interface that is already running (a restart
-   * after SIGKILL): address, forwarding, then one full sync. Idempotent.
+   * after SIGKILL): address, forwarding, then one full sync. Idempotent. Every step is bounded
+   * ({@link FabricOptions.startStepTimeoutMs}): a step that does not finish fails the start with
+   * CAPSULE_TIMEOUT naming it (the caller retries), and a slow one is logged while it runs, so a
+   * hang shows in the log as the step it is in. "fabric up" carries each step's duration.
    */
   async start(): Promise<void> {
     const s = this.o.self;
-    this.ensurePool();
-    this.privateKey();
-    const r = await this.o.dataplane.ensureInterface({
-      iface: s.iface,
-      listenPort: s.listenPort,
-      privateKeyFile: this.keyFile,
-      logFile: join(this.o.stateDir, `wireguard-go-${s.iface}.log`),
+    const t0 = performance.now();
+    const steps: Record<string, number> = {};
+    const limit = this.o.startStepTimeoutMs ?? START_STEP_TIMEOUT_MS;
+    const step = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
+      const t = performance.now();
+      this.o.log.debug({ step: name }, "fabric start: step");
+      const slow = setTimeout(
+        () =>
+          this.o.log.warn(
+            { step: name, ms: Math.round(performance.now() - t) },
+            "fabric start: step is slow",
+          ),
+        Math.min(5_000, limit / 2),
+      );
+      let bound: NodeJS.Timeout | undefined;
+      try {
+        return await Promise.race([
+          fn(),
+          new Promise<never>((_, reject) => {
+            bound = setTimeout(
+              () =>
+                reject(
+                  new CapsuleError(
+                    ErrorCode.Timeout,
+                    `fabric start: ${name} did not finish within ${limit} ms`,
+                    {
+                      hint: "see the capsuled log (and wireguard-go's log in the state dir); the start is retried",
+                      details: { step: name },
+                    },
+                  ),
+                ),
+              limit,
+            );
+          }),
+        ]);
+      } finally {
+        clearTimeout(slow);
+        clearTimeout(bound);
+        steps[name] = Math.round(performance.now() - t);
+        this.o.log.debug({ step: name, ms: steps[name] }, "fabric start: step done");
+      }
+    };
+    await step("key", async () => {
+      this.ensurePool();
+      this.privateKey();
     });
+    const r = await step("interface", () =>
+      this.o.dataplane.ensureInterface({
+        iface: s.iface,
+        listenPort: s.listenPort,
+        privateKeyFile: this.keyFile,
+        logFile: join(this.o.stateDir, `wireguard-go-${s.iface}.log`),
+      }),
+    );
     this.mode = r.mode;
     // The /10 on the interface gives the connected route for the whole fabric; WireGuard's
     // AllowedIPs then pick the peer per /32.
-    await this.ensureOnlyAddress();
-    await this.o.net.setLinkUp(s.iface);
+    await step("address", () => this.ensureOnlyAddress());
+    await step("link up", () => this.o.net.setLinkUp(s.iface));
     // Forwarding lets this capsule serve as a hub for peers that are both behind NAT.
-    await this.o.net.setSysctl("net.ipv4.ip_forward", "1");
-    await this.apply();
+    await step("forwarding", () => this.o.net.setSysctl("net.ipv4.ip_forward", "1"));
+    await step("peers", () => this.apply());
     this.started = true;
     this.o.onAddressChange?.(this.address);
     this.o.log.info(
@@ -228,6 +281,8 @@ export class Fabric {
         mode: r.mode,
         adopted: r.adopted,
         pool: poolCidr(this.ensurePool()),
+        ms: Math.round(performance.now() - t0),
+        steps,
       },
       "fabric up",
     );

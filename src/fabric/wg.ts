@@ -141,7 +141,12 @@ class UserspaceBackend implements Backend {
     this.pid = pid;
     const deadline = this.c.clock.now() + this.c.timeoutMs;
     for (;;) {
-      const r = await this.c.runner.run(["wg", "show", this.c.iface, "dump"], { allowFailure: true });
+      // Each probe is bounded by what is left of the wait: a `wg` stuck on a socket that
+      // accepts but never answers must not stretch the wait to the runner's default timeout.
+      const r = await this.c.runner.run(["wg", "show", this.c.iface, "dump"], {
+        allowFailure: true,
+        timeoutMs: Math.max(POLL_MS * 4, deadline - this.c.clock.now()),
+      });
       if (r.exitCode === 0) return "created";
       if (!(await this.c.spawner.isAlive(pid))) {
         throw new CapsuleError(ErrorCode.CommandFailed, `wireguard-go for ${this.c.iface} exited at start`, {

@@ -259,3 +259,57 @@ t.test("rotate-key: peers learn the new key before the switch", async (t) => {
   t.match(edge.dp.syncs.at(-1), new RegExp(`PublicKey = ${r.publicKey.replace(/[+/]/g, "\\$&")}`));
   t.equal(edge.repo.getPeer("homea")?.wgPublicKey, r.publicKey);
 });
+
+t.test(
+  "start: a step that hangs fails the start with CAPSULE_TIMEOUT naming it; step timings logged",
+  async (t) => {
+    const dir = mkdtempSync(join(tmpdir(), "fabric-unit-"));
+    t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+    const lines: Record<string, unknown>[] = [];
+    const log = pino({ level: "debug" }, { write: (l: string) => void lines.push(JSON.parse(l)) });
+    const mk = (dataplane: FakeDataplane) =>
+      new Fabric({
+        repo: new FabricRepo(Store.open(":memory:")),
+        dataplane,
+        net: new FakeHostNet(),
+        caller: new FakeCaller(),
+        clock: new FakeClock(),
+        log,
+        stateDir: dir,
+        resyncMs: 3_600_000,
+        startStepTimeoutMs: 300,
+        self: {
+          capsuleId: "cap-x",
+          name: "x",
+          iface: "capsule0",
+          listenPort: 51820,
+          endpoint: "",
+          apiPort: 50000,
+          apiCertPem: "",
+          apiFingerprint: "",
+          peerKeyJwk: "{}",
+        },
+      });
+    const hung = new FakeDataplane();
+    hung.ensureInterface = () => new Promise(() => {});
+    const f = mk(hung);
+    const t0 = Date.now();
+    await t.rejects(f.start(), {
+      code: "CAPSULE_TIMEOUT",
+      message: "fabric start: interface did not finish within 300 ms",
+    });
+    t.ok(Date.now() - t0 < 3_000, "bounded");
+    t.equal(f.isStarted(), false);
+    t.ok(
+      lines.some((l) => l["msg"] === "fabric start: step is slow" && l["step"] === "interface"),
+      "the slow step is logged while it runs",
+    );
+
+    const ok = mk(new FakeDataplane());
+    await ok.start();
+    t.teardown(() => ok.stop());
+    const up = lines.find((l) => l["msg"] === "fabric up") as { steps: Record<string, number>; ms: number };
+    t.same(Object.keys(up.steps), ["key", "interface", "address", "link up", "forwarding", "peers"]);
+    t.type(up.ms, "number");
+  },
+);

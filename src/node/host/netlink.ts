@@ -2,13 +2,19 @@
  * The Netlink seam: addresses, routes, link state and sysctls of the network namespace.
  *
  * Three implementations, one canonical text:
- * - {@link RtNetlink} is what capsuled uses: rtnetlink in-process through the `netlink` package
- *   (no `ip` process per change, typed replies). A netlink socket talks to the network namespace
- *   of the thread that opened it, and capsuled runs inside its own namespace, so it needs no
- *   namespace plumbing. /proc/sys/net is per namespace the same way.
- * - {@link IpNetlink} runs `ip -json` and `sysctl` through a {@link CommandRunner}. Node cannot
+ * - {@link RtNetlink}: rtnetlink in-process through the `netlink` package (no `ip` process per
+ *   change, typed replies). A netlink socket talks to the network namespace of the thread that
+ *   opened it, and capsuled runs inside its own namespace, so it needs no namespace plumbing.
+ *   /proc/sys/net is per namespace the same way. Beware: the package's sendmsg/recvmsg run on
+ *   the event loop, and the kernel serves most rtnetlink requests in that syscall under its
+ *   global rtnl lock; while another process holds the lock (namespace teardown, a device being
+ *   created or deleted anywhere on the host) the whole event loop waits, with no timeout able to
+ *   fire. The request timeout below bounds only a reply that never comes.
+ * - {@link IpNetlink} runs `ip -json` and `sysctl` through a {@link CommandRunner}: a request that
+ *   waits for the rtnl lock blocks a child process, bounded by the runner's timeout, never the
+ *   event loop. capsuled's fabric uses it (its start must never freeze the API). Node cannot
  *   setns(2), so code that drives a namespace from outside (root tests, the lab) wraps its runner
- *   in an NsRunner and uses this one.
+ *   in an NsRunner and uses this one too.
  * - {@link FakeNetlink} models the state and records each change as the `ip`/`sysctl` line that
  *   would make it (exactly the mutating commands IpNetlink runs), so tests diff text.
  *
