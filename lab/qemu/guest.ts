@@ -10,17 +10,35 @@
  * - `capsule.ip=ADDR/LEN`  eth0's address (e.g. `100.64.5.2/32`); unset = no address.
  * - `capsule.gw=ADDR`      the host side of the TAP; added as an on-link /32 route and the
  *                          default route (so a /32 guest address works); unset = none.
- * - `capsule.hostname=NAME` the guest's hostname; unset = "capsule-guest".
+ * - `capsule.gwmac=MAC`    pins the gateway's MAC as a permanent neighbour entry on eth0
+ *                          (`arp -s`, busybox's `ip neigh` cannot add entries): the host side
+ *                          of a capsule TAP has no IPv4 address, so it answers no ARP for the
+ *                          gateway; unset = ARP as usual.
+ * - `capsule.hostname=NAME` the guest's hostname; unset = `capsule.name`, else "capsule-guest".
+ * - `capsule.vol=NAME:PATH` mounts the virtio-blk disk whose serial is NAME (found through
+ *                          /sys/block/vdX/serial: no udev, so no /dev/disk/by-id) as ext4 at
+ *                          PATH (created), read-only when the disk is; repeatable, and one key
+ *                          may also carry several, comma-separated (`capsule.vol=a:/a,b:/b`).
+ *                          ext4 and its modules ({@link GUEST_FS_MODULES}) load only then.
  * - `virtio_mmio.device=...` (what QEMU's microvm adds when ACPI is off) is handed to
  *   `insmod virtio_mmio`, since no modprobe reads /proc/cmdline here.
- * See {@link guestCmdline} for the rest (console, panic, quiet).
+ * See {@link guestCmdline} for the rest (console, panic, quiet). Keys of
+ * src/node/runtime/qemu-plan.ts's `kernelCmdline` (`capsule.name`, `capsule.mac`, `reboot=k`)
+ * are accepted too.
+ *
+ * Also in the initramfs: a CGI at `/cgi-bin/remote` printing the client's address
+ * (`REMOTE_ADDR`), and `/sbin/shutdown`, which qemu-ga's `guest-shutdown` runs (QEMU 7.2:
+ * `shutdown -P|-H|-r +0 "hypervisor initiated shutdown"`, stdio on /dev/null, waited for): it
+ * stops every process, unmounts the volumes (lazily as a last resort), syncs and powers off,
+ * so QEMU exits (`-no-reboot` makes a reboot an exit too).
  *
  * Outputs, in `outDir`: `vmlinuz-<version>` and `initrd-<hash>.cpio.gz`, the hash covering
  * everything that goes into the initramfs, so a second build with the same inputs only hashes.
  * The unpacked kernel package is cached in `<outDir>/cache/linux-<version>`.
  */
+import { parseCpuMhz } from "../../src/node/runtime/vms.js";
 import { createHash } from "node:crypto";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import {
   copyFile,
   mkdir,
@@ -67,6 +85,13 @@ export const GUEST_MODULES = [
   "virtio_rng",
 ];
 
+/**
+ * GUEST_FS_MODULES are what mounting an ext4 volume needs (with dependencies: jbd2, mbcache,
+ * crc16); crc32c is asked for at mount time through the crypto API (metadata checksums), not
+ * a module dependency, hence named here. Carried always, loaded only with `capsule.vol`.
+ */
+export const GUEST_FS_MODULES = ["crc32c_generic", "ext4"];
+
 /** GUEST_APPLETS are the busybox applets in the guest's /bin. */
 export const GUEST_APPLETS = [
   "sh",
@@ -107,6 +132,13 @@ export const GUEST_APPLETS = [
   "tail",
   "date",
   "env",
+  "arp",
+  "killall",
+  "df",
+  "rm",
+  "touch",
+  "wc",
+  "tee",
 ];
 
 /** GuestOptions: all fields optional. */
@@ -148,7 +180,7 @@ export interface BuiltGuest {
  * `gw`. `extra` is appended.
  */
 export function guestCmdline(
-  opts: { ip?: string; gw?: string; hostname?: string; extra?: string } = {},
+  opts: { ip?: string; gw?: string; gwmac?: string; hostname?: string; vols?: string[]; extra?: string } = {},
 ): string {
   return [
     "console=ttyS0",
@@ -161,9 +193,37 @@ export function guestCmdline(
     "rdinit=/init",
     ...(opts.ip ? [`capsule.ip=${opts.ip}`] : []),
     ...(opts.gw ? [`capsule.gw=${opts.gw}`] : []),
+    ...(opts.gwmac ? [`capsule.gwmac=${opts.gwmac}`] : []),
     ...(opts.hostname ? [`capsule.hostname=${opts.hostname}`] : []),
+    ...(opts.vols ?? []).map((v) => `capsule.vol=${v}`),
     ...(opts.extra ? [opts.extra] : []),
   ].join(" ");
+}
+
+/**
+ * tcgClockCmdline returns `tsc_early_khz=<kHz> lpj=<loops>` for a TCG guest on this host, or ""
+ * when /proc/cpuinfo says nothing usable. Under TCG the guest's TSC runs at the host's TSC rate,
+ * but the guest kernel cannot measure it: on a busy host (other VMs, load above the core count)
+ * its PIT calibration fails ("tsc: Marking TSC unstable due to could not calculate TSC khz") and
+ * boot then stalled for minutes in our runs. Giving the rate (from "cpu MHz", the TSC rate on a
+ * VM with constant_tsc; a near miss only skews guest time) and the delay-loop value (BogoMIPS
+ * × 500000 / HZ, HZ 250 in Debian's kernel) skips both calibrations.
+ */
+export function tcgClockCmdline(cpuinfo?: string, hz = 250): string {
+  let text = cpuinfo;
+  if (text === undefined) {
+    try {
+      text = readFileSync("/proc/cpuinfo", "utf8");
+    } catch {
+      return "";
+    }
+  }
+  const khz = parseCpuMhz(text);
+  const bogo = Number(/^bogomips\s*:\s*([0-9.]+)/m.exec(text)?.[1]);
+  const out: string[] = [];
+  if (khz) out.push(`tsc_early_khz=${khz}`);
+  if (bogo > 0) out.push(`lpj=${Math.round((bogo * 500_000) / hz)}`);
+  return out.join(" ");
 }
 
 const sha256 = (b: Buffer | string) => createHash("sha256").update(b).digest("hex");
@@ -283,7 +343,10 @@ async function readKo(f: string): Promise<Buffer> {
   return Buffer.from(r.stdout);
 }
 
-function initScript(mods: string[], qga: boolean): string {
+/** VOLS_FILE lists the mount points /init mounted, one per line, for /sbin/shutdown. */
+const VOLS_FILE = "/run/capsule-vols";
+
+function initScript(mods: string[], fsMods: string[], qga: boolean): string {
   return `#!/bin/sh
 # capsule guest /init (lab/qemu/guest.ts)
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -293,20 +356,50 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /run /tmp /var/run
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+log() { echo "capsule-init: $*"; }
 arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "\${w#*=}";; esac; done; }
+log "booting, kernel $(uname -r)"
 for m in ${mods.join(" ")}; do
   p=""
   [ "$m" = virtio_mmio ] && for d in $(arg virtio_mmio.device); do p="$p device=$d"; done
-  insmod /lib/modules/$m.ko $p || echo "capsule-init: insmod $m failed"
+  insmod /lib/modules/$m.ko $p || log "insmod $m failed"
 done
-h=$(arg capsule.hostname); hostname "\${h:-capsule-guest}"
+h=$(arg capsule.hostname); [ -n "$h" ] || h=$(arg capsule.name); h=\${h:-capsule-guest}
+hostname "$h"; echo "$h" > /etc/hostname
 ip link set lo up
 i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
 ip link set eth0 up
-ipa=$(arg capsule.ip); gw=$(arg capsule.gw)
+ipa=$(arg capsule.ip); gw=$(arg capsule.gw); gwmac=$(arg capsule.gwmac)
 [ -n "$ipa" ] && ip addr add "$ipa" dev eth0
-[ -n "$gw" ] && ip route add "$gw/32" dev eth0 && ip route add default via "$gw" dev eth0 onlink
-httpd -p ${GUEST_HTTP_PORT} -h /www
+if [ -n "$gw" ]; then
+  ip route add "$gw/32" dev eth0
+  # The host side answers no ARP for the gateway: pin its MAC (busybox ip neigh cannot add).
+  [ -n "$gwmac" ] && { arp -i eth0 -s "$gw" "$gwmac" || log "arp -s $gw $gwmac failed"; }
+  ip route add default via "$gw" dev eth0 onlink
+fi
+[ -e /sys/class/net/eth0 ] || log "no eth0 after 5 s"
+log "eth0 $(cat /sys/class/net/eth0/address 2>/dev/null) address \${ipa:-none} gateway \${gw:-none}\${gwmac:+ at $gwmac}"
+: > ${VOLS_FILE}
+vols=$(arg capsule.vol | tr , ' ')
+if [ -n "$vols" ]; then
+  for m in ${fsMods.join(" ")}; do insmod /lib/modules/$m.ko || log "insmod $m failed"; done
+  # The virtio-blk disk whose serial is $1 (no udev here, so no /dev/disk/by-id).
+  disk() { for f in /sys/block/vd*/serial; do [ -e "$f" ] && [ "$(cat "$f")" = "$1" ] && { d=\${f%/serial}; echo \${d##*/}; return 0; }; done; return 1; }
+  for v in $vols; do
+    name=\${v%%:*}; mp=\${v#*:}
+    i=0; while ! dev=$(disk "$name") && [ $i -lt 30 ]; do sleep 0.1; i=$((i+1)); done
+    if [ -z "$dev" ]; then log "volume $name: no virtio disk with serial $name"; continue; fi
+    o=rw; [ "$(cat /sys/block/$dev/ro)" = 1 ] && o=ro
+    mkdir -p "$mp"
+    if mount -t ext4 -o $o "/dev/$dev" "$mp"; then
+      echo "$mp" >> ${VOLS_FILE}; log "volume $name: /dev/$dev mounted at $mp ($o)"
+    else
+      log "volume $name: mounting /dev/$dev at $mp failed"
+    fi
+  done
+fi
+httpd -p ${GUEST_HTTP_PORT} -h /www && log "httpd listening on :${GUEST_HTTP_PORT}"
 ${
   qga
     ? `for n in /sys/class/virtio-ports/*; do
@@ -314,7 +407,7 @@ ${
   if [ "$(cat $n/name)" = ${QGA_PORT_NAME} ]; then
     mkdir -p /dev/virtio-ports; ln -sf /dev/\${n##*/} /dev/virtio-ports/${QGA_PORT_NAME}
     mkdir -p /var/lib/qemu-ga /var/log
-    ${QEMU_GA} -m virtio-serial -p /dev/virtio-ports/${QGA_PORT_NAME} -t /run -d -f /run/qemu-ga.pid && echo "capsule-init: qemu-ga started"
+    ${QEMU_GA} -m virtio-serial -p /dev/virtio-ports/${QGA_PORT_NAME} -t /run -d -f /run/qemu-ga.pid && log "qemu-ga started"
   fi
 done`
     : ""
@@ -323,6 +416,49 @@ echo "${READY_MARKER} ip=$ipa"
 while true; do sleep 3600; done
 `;
 }
+
+/**
+ * shutdownScript is /sbin/shutdown, what qemu-ga's guest-shutdown runs (QEMU 7.2, Linux:
+ * `execle("/sbin/shutdown", "shutdown", "-P"|"-H"|"-r", "+0", "hypervisor initiated shutdown")`
+ * with stdio on /dev/null; qemu-ga waits for it and answers only if it fails). Every other
+ * process is stopped first, so nothing holds a volume open.
+ */
+function shutdownScript(): string {
+  return `#!/bin/sh
+# capsule guest /sbin/shutdown (lab/qemu/guest.ts): [-P|-h|-H|-r] [time] [message]
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin
+exec >/dev/console 2>&1 </dev/null
+mode=poweroff
+for a in "$@"; do case "$a" in -r) mode=reboot;; -H|-h) mode=halt;; -P) mode=poweroff;; esac; done
+echo "capsule-init: shutting down ($mode)"
+killall httpd 2>/dev/null
+kill -TERM -1 2>/dev/null; sleep 0.3; kill -KILL -1 2>/dev/null
+sync
+for mp in $(sed '1!G;h;$!d' ${VOLS_FILE} 2>/dev/null); do
+  if umount "$mp" || { sleep 0.3; umount "$mp"; }; then
+    echo "capsule-init: unmounted $mp"
+  else
+    umount -l "$mp" && echo "capsule-init: unmounted $mp (lazily)"
+  fi
+done
+sync
+echo "capsule-init: power off"
+case "$mode" in
+  reboot) reboot -f;;
+  *) poweroff -f;;
+esac
+sleep 2
+# Still here: a reboot ends QEMU too (-no-reboot).
+reboot -f
+`;
+}
+
+/** REMOTE_CGI is /www/cgi-bin/remote: the client's address (REMOTE_ADDR), to check an edge keeps it. */
+const REMOTE_CGI = `#!/bin/sh
+# httpd listens dual-stack, so an IPv4 client is "[::ffff:a.b.c.d]": print the plain address.
+a=\${REMOTE_ADDR#\\[}; a=\${a%]}; a=\${a#::ffff:}
+printf 'Content-Type: text/plain\\r\\n\\r\\n%s\\n' "$a"
+`;
 
 /**
  * buildGuest writes a kernel and an initramfs into `outDir` (created if missing) and returns
@@ -350,12 +486,17 @@ export async function buildGuest(outDir: string, opts: GuestOptions = {}): Promi
 
   // The initramfs inputs, hashed into its name.
   const modDir = join(tree, "lib", "modules", release);
-  const modFiles = await moduleClosure(modDir, opts.modules ?? GUEST_MODULES);
+  const bootFiles = await moduleClosure(modDir, opts.modules ?? GUEST_MODULES);
+  const modFiles = await moduleClosure(modDir, [...(opts.modules ?? GUEST_MODULES), ...GUEST_FS_MODULES]);
   const modNames = modFiles.map(normMod);
+  const bootNames = bootFiles.map(normMod);
+  const fsNames = modNames.filter((m) => !bootNames.includes(m));
   const files: Record<string, Buffer | string> = {
     "www/index.html": GUEST_HTTP_BODY,
+    "www/cgi-bin/remote": REMOTE_CGI,
     ...opts.files,
-    init: initScript(modNames, qga),
+    init: initScript(bootNames, fsNames, qga),
+    "sbin/shutdown": shutdownScript(),
     "etc/hostname": "capsule-guest\n",
     "etc/passwd": "root:x:0:0:root:/:/bin/sh\n",
     "etc/group": "root:x:0:\n",
@@ -401,7 +542,9 @@ export async function buildGuest(outDir: string, opts: GuestOptions = {}): Promi
         await writeFile(join(root, "lib/modules", `${normMod(f)}.ko`), await readKo(f));
       for (const [p, c] of Object.entries(files)) {
         await mkdir(join(root, p, ".."), { recursive: true });
-        await writeFile(join(root, p), c, { mode: p === "init" ? 0o755 : 0o644 });
+        // Scripts (init, /sbin/shutdown, CGIs, any "#!" file given) are executable.
+        const exe = (typeof c === "string" ? c : c.toString("latin1", 0, 2)).startsWith("#!");
+        await writeFile(join(root, p), c, { mode: exe ? 0o755 : 0o644 });
       }
       const tmp = `${initrd}.tmp`;
       // Deterministic: sorted names, uid/gid 0, every mtime the epoch, no gzip name/time.
