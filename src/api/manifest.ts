@@ -21,7 +21,14 @@ export interface WorkloadManifest {
   name: string;
   labels: Record<string, string>;
   container?: { image: string; command?: string[]; env?: Record<string, string> };
-  microvm?: { kernel?: string; initrd?: string; image?: string; cpus?: number; memoryMib?: number };
+  microvm?: {
+    kernel?: string;
+    initrd?: string;
+    image?: string;
+    cmdline?: string;
+    cpus?: number;
+    memoryMib?: number;
+  };
   ports: PortSpec[];
   volumes: { name: string; mountPath: string }[];
   restartPolicy: "Always" | "OnFailure" | "Never";

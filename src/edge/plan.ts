@@ -243,23 +243,5 @@ export function planCaddyConfig(opts: PlanOptions): Record<string, unknown> {
   return config;
 }
 
-/**
- * canonicalJson renders `v` as JSON with object keys sorted at every level, so configs that
- * differ only in key order (Caddy's `GET /config/` sorts them) compare equal as strings. Pure.
- */
-export function canonicalJson(v: unknown): string {
-  return JSON.stringify(sortKeys(v));
-}
-
-function sortKeys(v: unknown): unknown {
-  if (Array.isArray(v)) return v.map(sortKeys);
-  if (v && typeof v === "object") {
-    const o = v as Record<string, unknown>;
-    return Object.fromEntries(
-      Object.keys(o)
-        .sort()
-        .map((k) => [k, sortKeys(o[k])]),
-    );
-  }
-  return v;
-}
+/** canonicalJson: see api/canonical.ts (Caddy's `GET /config/` sorts keys, so configs compare as strings). */
+export { canonicalJson } from "../api/canonical.js";

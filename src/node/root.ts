@@ -29,9 +29,10 @@ import { Authenticator } from "./auth.js";
 import { ClaimWindow } from "./claim.js";
 import type { DaemonConfig } from "./config.js";
 import { type Clock, SystemClock } from "./host/clock.js";
-import { RtNetlink } from "./host/netlink.js";
+import { IpNetlink } from "./host/netlink.js";
 import { ExecaRunner } from "./host/runner.js";
 import { DetachedSpawner } from "./host/spawner.js";
+import { watchStalls } from "./host/stall.js";
 import { type Identity, loadOrCreateIdentity } from "./identity.js";
 import { Metrics } from "./metrics.js";
 import { NftPolicyApplier } from "./policy/applier.js";
@@ -41,14 +42,17 @@ import { PolicyRepo } from "./policy/repo.js";
 import { Containerd } from "./runtime/containerd.js";
 import { GrpcContainerdApi } from "./runtime/containerd-api.js";
 import { Containers } from "./runtime/containers.js";
-import { detectAccel } from "./runtime/qemu-accel.js";
+import { type AccelChoice, detectAccel } from "./runtime/qemu-accel.js";
 import { FifoPipes } from "./runtime/exec-pipes.js";
 import { Images } from "./runtime/images.js";
 import { WorkloadNet } from "./runtime/netns.js";
+import { TapNet } from "./runtime/tap.js";
+import { MicroVms } from "./runtime/vms.js";
 import { Store } from "./store/store.js";
 import { Workloads } from "./workloads/manager.js";
 import { NftPortForwarder } from "./workloads/nat.js";
 import { Reconciler } from "./workloads/reconciler.js";
+import { WorkloadNets, WorkloadRuntimes } from "./workloads/runtimes.js";
 import { WorkloadRepo } from "./workloads/repo.js";
 import { LoopVolumes } from "./workloads/volumes.js";
 
@@ -110,6 +114,8 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
   tls.DEFAULT_MIN_VERSION = "TLSv1.3";
   const clock = overrides.clock ?? new SystemClock();
   const log = overrides.log ?? pino({ level: config.logLevel, base: { capsule: config.name } });
+  // A blocked event loop logs nothing by itself: the watchdog says so, with where the kernel holds it.
+  const stalls = watchStalls(log);
   const startedAt = clock.now();
   const store = Store.open(join(config.stateDir, "state.db"));
   const identity = await loadOrCreateIdentity(config.stateDir, store);
@@ -159,7 +165,9 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
         spawner: new DetachedSpawner(),
         clock,
       }),
-      net: new RtNetlink(),
+      // `ip` processes, not in-process rtnetlink: a request that waits for the kernel's rtnl lock
+      // then blocks a child (bounded by the runner's timeout), never this event loop and the API.
+      net: new IpNetlink(runner),
       caller,
       clock,
       log,
@@ -238,14 +246,20 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
   // /dev/kvm that cannot run a guest falls back to TCG). In the background: start is not delayed.
   let vmAccel = "";
   // Bounded at 1.5 s a candidate: a KVM that runs guests that slowly is not worth waiting for.
-  if (config.fabric)
-    void detectAccel(runner, { timeoutMs: 1_500 }).then(
-      (a) => {
-        vmAccel = a.accel;
-        log.info({ accel: a.accel, cpu: a.cpu, reason: a.reason }, "microVM accelerator");
-      },
-      (e: Error) => log.warn({ err: e.message }, "microVM accelerator not detected"),
-    );
+  // A VM started before detection ends waits for it (MicroVms asks `accel()`).
+  const accel: Promise<AccelChoice> = config.fabric
+    ? detectAccel(runner, { timeoutMs: 1_500 }).then(
+        (a) => {
+          vmAccel = a.accel;
+          log.info({ accel: a.accel, cpu: a.cpu, reason: a.reason }, "microVM accelerator");
+          return a;
+        },
+        (e: Error) => {
+          log.warn({ err: e.message }, "microVM accelerator not detected");
+          return { accel: "none", cpu: undefined, reason: e.message } satisfies AccelChoice;
+        },
+      )
+    : Promise.resolve({ accel: "none", cpu: undefined, reason: "no fabric" });
 
   const proto = loadProto();
   const deps = { auth, metrics, log };
@@ -343,13 +357,24 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
         execApi: () => new GrpcContainerdApi(cd.endpoint),
         pipes: new FifoPipes(runner, cd.paths.fifoDir),
       });
-      const net = new WorkloadNet({ runner, netlink: new RtNetlink() });
+      // `ip` child processes, not rtnetlink on the event loop (see host/netlink.ts: the rtnl lock).
+      const netlink = new IpNetlink(runner);
+      const net = new WorkloadNets(new WorkloadNet({ runner, netlink }), new TapNet({ runner, netlink }));
+      // MicroVMs: QEMU detached like wireguard-go, sandboxed, dropping to nobody once set up.
+      const vms = new MicroVms({
+        clock,
+        spawner: new DetachedSpawner(),
+        dataDir: join(config.stateDir, "vms"),
+        accel: () => accel,
+        runAs: { user: "nobody" },
+      });
+      const runtimes = new WorkloadRuntimes(containers, vms);
       await volumes.start();
       const ports = new NftPortForwarder({ runner, fabricIface: config.fabricIface });
       const repo = new WorkloadRepo(store);
       const reconciler = new Reconciler({
         repo,
-        containers,
+        containers: runtimes,
         net,
         volumes,
         ports,
@@ -361,9 +386,10 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
         repo,
         images,
         addresses: f,
-        containers,
+        containers: runtimes,
         net,
         reconciler,
+        vmAccel: async () => (await accel).accel,
         volumes,
         ports,
         clock,
@@ -473,6 +499,7 @@ export async function startAgent(config: DaemonConfig, overrides: AgentOverrides
     policies: policyMgr,
     async stop() {
       clearInterval(prune);
+      stalls.stop();
       await policyMgr.stop();
       if (fabricRetry) clearTimeout(fabricRetry);
       stopping = true;

@@ -42,13 +42,13 @@ const GOLDEN = [
   "-m 512M",
   "-nodefaults",
   "-no-user-config",
-  "-nographic",
+  "-display none",
   "-no-reboot",
   "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
   "-kernel /var/lib/capsule/kernels/vmlinuz",
   "-initrd /var/lib/capsule/kernels/initrd.img",
-  "-append console=ttyS0 reboot=k panic=1 capsule.name=web capsule.ip=100.64.0.7/32 capsule.gw=169.254.1.1 capsule.mac=02:00:64:40:00:07",
-  "-chardev file,id=serial0,path=/var/log/capsule/vm/web.log",
+  "-append console=ttyS0 reboot=t panic=1 capsule.name=web capsule.ip=100.64.0.7/32 capsule.gw=169.254.1.1 capsule.mac=02:00:64:40:00:07",
+  "-chardev file,id=serial0,path=/var/log/capsule/vm/web.log,append=on",
   "-serial chardev:serial0",
   "-chardev socket,id=qmp0,path=/run/capsule/vm/web/qmp.sock,server=on,wait=off",
   "-mon chardev=qmp0,mode=control",
@@ -68,7 +68,7 @@ const GOLDEN = [
 /** lines groups argv into "option value" lines the way GOLDEN is written. */
 function lines(argv: string[]): string[] {
   const out: string[] = [argv[0]!];
-  const flags = new Set(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"]);
+  const flags = new Set(["-nodefaults", "-no-user-config", "-no-reboot"]);
   for (let i = 1; i < argv.length; i++) {
     const a = argv[i]!;
     if (flags.has(a)) out.push(a);
@@ -80,8 +80,26 @@ function lines(argv: string[]): string[] {
 t.test("golden argv", async (t) => {
   const argv = planQemuArgv(spec());
   t.same(lines(argv), GOLDEN);
-  t.equal(argv.length, 2 * GOLDEN.length - 5, "one argument per value: the -append value is one");
+  t.equal(argv.length, 2 * GOLDEN.length - 4, "one argument per value: the -append value is one");
   t.same(planQemuArgv(spec()), argv, "deterministic");
+});
+
+t.test("the gateway's MAC and mounted volumes", async (t) => {
+  const argv = planQemuArgv(
+    spec({
+      gatewayMac: "ee:ee:ee:ee:ee:ee",
+      volumes: [{ name: "data", path: "/dev/capsule/data", mountPath: "/srv/data" }],
+    }),
+  );
+  const append = argv[argv.indexOf("-append") + 1]!;
+  t.match(append, / capsule\.gwmac=ee:ee:ee:ee:ee:ee capsule\.vol=data:\/srv\/data$/);
+  t.throws(() => planQemuArgv(spec({ gatewayMac: "EE:EE" })), {
+    code: "CAPSULE_INVALID_ARGUMENT",
+    message: /gatewayMac/,
+  });
+  t.throws(() => planQemuArgv(spec({ volumes: [{ name: "data", path: "/dev/x", mountPath: "srv data" }] })), {
+    message: /volumes\[0\]\.mountPath/,
+  });
 });
 
 t.test("sandbox and runas on and off", async (t) => {
@@ -117,7 +135,7 @@ t.test("tcg, cpu model, no initrd, no volumes, extra cmdline, escaping", async (
   t.equal(argv[argv.indexOf("-cpu") + 1], "max");
   t.notOk(argv.includes("-initrd"));
   t.ok(argv.includes("file=/srv/odd,,name.img,format=raw,if=none,id=vol-a"));
-  t.ok(argv.includes("file,id=serial0,path=/var/log/a,,b.log"));
+  t.ok(argv.includes("file,id=serial0,path=/var/log/a,,b.log,append=on"));
   t.match(
     argv[argv.indexOf("-append") + 1],
     / capsule\.mac=02:00:64:40:00:07 init=\/sbin\/capsule-init quiet$/,
@@ -127,7 +145,7 @@ t.test("tcg, cpu model, no initrd, no volumes, extra cmdline, escaping", async (
   t.equal(qemuOptValue("a,,b"), "a,,,,b");
   t.equal(
     kernelCmdline(spec({ cmdline: "" })),
-    "console=ttyS0 reboot=k panic=1 capsule.name=web capsule.ip=100.64.0.7/32 capsule.gw=169.254.1.1 capsule.mac=02:00:64:40:00:07",
+    "console=ttyS0 reboot=t panic=1 capsule.name=web capsule.ip=100.64.0.7/32 capsule.gw=169.254.1.1 capsule.mac=02:00:64:40:00:07",
   );
 });
 

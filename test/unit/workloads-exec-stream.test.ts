@@ -35,7 +35,13 @@ async function setup(t: Test) {
   });
   const metrics = new Metrics();
   const rt = new FakeContainerRuntime();
-  await rt.run({ workload: "web", generation: 1, image: "demo/httpd:1", netns: "/run/netns/cw-web" });
+  await rt.run({
+    kind: "container",
+    workload: "web",
+    generation: 1,
+    image: "demo/httpd:1",
+    netns: "/run/netns/cw-web",
+  });
   const sessions: { killed: boolean }[] = [];
   const workloads = {
     execStream: async (name: string, argv: string[], opts: object): Promise<ExecSession> => {

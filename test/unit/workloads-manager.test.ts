@@ -217,6 +217,7 @@ t.test("a new reconciler adopts running containers (no duplicate) and removes or
   s.reconciler.stop();
   // An orphan: a container and namespace with no row (a delete cut short).
   await s.containers.run({
+    kind: "container",
     workload: "gone",
     generation: 3,
     image: "demo/httpd:1",
@@ -238,7 +239,10 @@ t.test("stop, start, restart, logs, exec, delete", async (t) => {
   await s.workloads.apply([web({ volumes: [{ name: "data", mountPath: "/data" }] })]);
   await s.reconciler.idle();
   t.same(s.volumes.calls, ["attach data web"]);
-  t.same(s.containers.containers.get("web.1")!.spec.mounts, [{ source: "/vol/data", target: "/data" }]);
+  t.match(s.containers.containers.get("web.1")!.spec, { kind: "container" });
+  t.same((s.containers.containers.get("web.1")!.spec as { mounts?: unknown }).mounts, [
+    { source: "/vol/data", target: "/data" },
+  ]);
   t.match(await s.workloads.stop("web"), { phase: "stopped", desired: "stopped", address: "100.64.7.2" });
   t.equal(s.net.namespaces.has("web"), true, "namespace kept while stopped");
   await s.reconciler.reconcile("web");

@@ -23,9 +23,8 @@
  * containerd-api.ts for why ctr cannot do it).
  */
 import { createHash, randomBytes } from "node:crypto";
-import { mkdir, open, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { StringDecoder } from "node:string_decoder";
 import { pathToFileURL } from "node:url";
 import { CapsuleError, ErrorCode, invalidArgument } from "../../errors.js";
 import type { Clock } from "../host/clock.js";
@@ -33,6 +32,8 @@ import type { CommandRunner, RunResult } from "../host/runner.js";
 import type { ContainerdApi } from "./containerd-api.js";
 import { type CtrEndpoint, ctrArgv, ctrError, ctrMessage, isNotFound, parseTable } from "./ctr.js";
 import { type ExecSession, type ExecStreamOptions, startExec } from "./exec.js";
+import { KeyedLock } from "./keyed-lock.js";
+import { followLog } from "./log-file.js";
 import type { PipeMaker } from "./exec-pipes.js";
 import type { Images } from "./images.js";
 
@@ -383,7 +384,7 @@ export class Containers {
   private readonly runTimeoutMs: number;
   private readonly execApi: (() => ContainerdApi) | undefined;
   private readonly pipes: PipeMaker | undefined;
-  private readonly locks = new Map<string, Promise<unknown>>();
+  private readonly lock = new KeyedLock();
 
   constructor(opts: ContainersOptions) {
     this.runner = opts.runner;
@@ -408,17 +409,8 @@ export class Containers {
     return join(this.dataDir, `${id}.exit`);
   }
 
-  // One operation per container id at a time: run and stop racing on one id would otherwise
-  // each act on what the other is changing.
   private exclusive<T>(id: string, fn: () => Promise<T>): Promise<T> {
-    const prev = this.locks.get(id) ?? Promise.resolve();
-    const run = prev.then(fn, fn);
-    const tail = run.catch(() => undefined);
-    this.locks.set(id, tail);
-    void tail.then(() => {
-      if (this.locks.get(id) === tail) this.locks.delete(id);
-    });
-    return run;
+    return this.lock.run(id, fn);
   }
 
   private async ctr(argv: string[], timeoutMs?: number): Promise<RunResult> {
@@ -728,43 +720,9 @@ export class Containers {
    * Read-only. Throws CAPSULE_NOT_FOUND when there is neither a log nor a container.
    */
   async *logs(id: string, opts: LogsOptions = {}): AsyncGenerator<string> {
-    const path = this.logPath(id);
-    const decoder = new StringDecoder("utf8");
-    const buf = Buffer.alloc(64 * 1024);
-    let pos = 0;
-    let seen = false;
-    for (;;) {
-      let n = 0;
-      const fh = await open(path, "r").catch((e: NodeJS.ErrnoException) => {
-        if (e.code === "ENOENT") return undefined;
-        throw e;
-      });
-      if (fh) {
-        seen = true;
-        try {
-          const size = (await fh.stat()).size;
-          if (size < pos) pos = 0;
-          n = (await fh.read(buf, 0, buf.length, pos)).bytesRead;
-        } finally {
-          await fh.close();
-        }
-      } else if (!seen && !(await this.info(id))) {
-        throw this.notFound(id);
-      }
-      if (n > 0) {
-        pos += n;
-        const s = decoder.write(buf.subarray(0, n));
-        if (s) yield s;
-        continue;
-      }
-      if (!opts.follow || opts.signal?.aborted) {
-        const rest = decoder.end();
-        if (rest) yield rest;
-        return;
-      }
-      await this.clock.sleep(opts.pollMs ?? 250);
-      if (opts.signal?.aborted) return;
-    }
+    yield* followLog(this.logPath(id), this.clock, opts, async () => {
+      if (!(await this.info(id))) throw this.notFound(id);
+    });
   }
 }
 

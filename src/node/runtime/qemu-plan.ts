@@ -9,8 +9,9 @@
  *   module: the initrd must load `virtio_mmio`, `virtio_blk`, `virtio_net`, `virtio_console`).
  *   The ISA serial port is kept for the console (`console=ttyS0`, written to `serialLog`) because
  *   it works before any module loads; the RTC gives the guest wall-clock time under TCG too.
- * - `-nodefaults -no-user-config -nographic -no-reboot`: nothing implicit; a guest reboot ends
- *   QEMU so the supervisor decides about the restart.
+ * - `-nodefaults -no-user-config -display none -no-reboot`: nothing implicit; a guest reboot ends
+ *   QEMU so the supervisor decides about the restart. No `-daemonize`: its fork is a spawn the
+ *   sandbox denies (SIGSYS, verified), so the caller starts QEMU detached itself.
  * - `-accel kvm|tcg`, `-cpu` (default `host` for KVM, `max` for TCG; pass the model
  *   `detectAccel` ran, e.g. `qemu64` where `host` fails), `-smp`, `-m <memoryMib>M`.
  * - Network: one `-netdev tap,ifname=<tap>,script=no,downscript=no` (the TAP already exists and
@@ -21,8 +22,9 @@
  * - Control: QMP on the unix socket `qmpSocket` (server, no wait); qemu-guest-agent on a
  *   virtio-serial port named `org.qemu.guest_agent.0` backed by the unix socket `gaSocket`;
  *   entropy from the host's /dev/urandom through `virtio-rng-device`.
- * - Kernel command line: `console=ttyS0 reboot=k panic=1 capsule.name=<name>
- *   capsule.ip=<address>/32 capsule.gw=<gateway> capsule.mac=<mac>`, then `cmdline` if given.
+ * - Kernel command line: `console=ttyS0 reboot=t panic=1 capsule.name=<name>
+ *   capsule.ip=<address>/32 capsule.gw=<gateway> capsule.mac=<mac> [capsule.gwmac=<mac>]
+ *   [capsule.vol=<volume>:<mountPath> ...]`, then `cmdline` if given.
  *   The guest's init configures eth0 from the `capsule.*` keys: the address as a /32, the
  *   gateway as an on-link default route (the host side answers for it, as for containers).
  * - `-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny` when
@@ -43,6 +45,8 @@ export interface QemuVolume {
   /** path is an absolute path to a block device or a raw image file. */
   path: string;
   readOnly?: boolean;
+  /** mountPath is where the guest's init mounts it (`capsule.vol=<name>:<mountPath>`); unset = not mounted. */
+  mountPath?: string;
 }
 
 /** QemuSpec is everything {@link planQemuArgv} needs. */
@@ -68,12 +72,14 @@ export interface QemuSpec {
   address: string;
   /** gateway is the IPv4 the guest routes through (on-link). */
   gateway: string;
+  /** gatewayMac is the MAC of the host side of the TAP (`capsule.gwmac=`): the guest pins it, as the host answers no ARP for the gateway. */
+  gatewayMac?: string;
   volumes: QemuVolume[];
   /** qmpSocket is the unix socket path QEMU listens on for QMP. */
   qmpSocket: string;
   /** gaSocket is the unix socket path QEMU listens on for the guest agent channel. */
   gaSocket: string;
-  /** serialLog is the file the guest console (ttyS0) is written to. */
+  /** serialLog is the file the guest console (ttyS0) is appended to. */
   serialLog: string;
   sandbox: boolean;
   /** runAs drops QEMU's privileges after start-up. */
@@ -109,6 +115,7 @@ const MAC = /^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$/;
 const CPU_MODEL = /^[A-Za-z0-9][A-Za-z0-9_.-]*(?:,[+-]?[A-Za-z0-9_.-]+(?:=[A-Za-z0-9_.-]+)?)*$/;
 const POSIX_NAME = /^[A-Za-z_][A-Za-z0-9_.-]{0,31}$/;
 const NUMERIC = /^[0-9]{1,10}$/;
+const MOUNT_PATH = /^\/[A-Za-z0-9_./-]{0,200}$/;
 /** SUN_PATH_MAX is the longest unix socket path Linux accepts (108 bytes with the NUL). */
 const SUN_PATH_MAX = 107;
 
@@ -185,6 +192,12 @@ export function validateQemuSpec(spec: QemuSpec): void {
   if (addr[0] !== 100 || (addr[1]! & 0xc0) !== 64)
     throw invalidArgument("address", `${spec.address} is not in the fabric range 100.64.0.0/10`);
   if (!parseIPv4(spec.gateway)) throw invalidArgument("gateway", `"${spec.gateway}" is not an IPv4 address`);
+  if (spec.gatewayMac !== undefined && !MAC.test(spec.gatewayMac))
+    throw invalidArgument(
+      "gatewayMac",
+      `"${spec.gatewayMac}" is not a MAC address`,
+      "six lower-case hex pairs, colon-separated",
+    );
   if (spec.gateway === spec.address) throw invalidArgument("gateway", "is the workload's own address");
   const seen = new Set<string>();
   spec.volumes.forEach((v, i) => {
@@ -197,6 +210,12 @@ export function validateQemuSpec(spec: QemuSpec): void {
     if (seen.has(v.name)) throw invalidArgument(`volumes[${i}].name`, `"${v.name}" is given twice`);
     seen.add(v.name);
     checkPath(`volumes[${i}].path`, v.path);
+    if (v.mountPath !== undefined && !MOUNT_PATH.test(v.mountPath))
+      throw invalidArgument(
+        `volumes[${i}].mountPath`,
+        `"${v.mountPath}" is not a mount path the guest can take`,
+        "an absolute path of letters, digits and / . _ -",
+      );
   });
   checkPath("qmpSocket", spec.qmpSocket, true);
   checkPath("gaSocket", spec.gaSocket, true);
@@ -228,12 +247,14 @@ export function validateQemuSpec(spec: QemuSpec): void {
 export function kernelCmdline(spec: QemuSpec): string {
   const parts = [
     "console=ttyS0",
-    "reboot=k",
+    "reboot=t",
     "panic=1",
     `capsule.name=${spec.name}`,
     `capsule.ip=${spec.address}/32`,
     `capsule.gw=${spec.gateway}`,
     `capsule.mac=${spec.mac}`,
+    ...(spec.gatewayMac ? [`capsule.gwmac=${spec.gatewayMac}`] : []),
+    ...spec.volumes.flatMap((v) => (v.mountPath ? [`capsule.vol=${v.name}:${v.mountPath}`] : [])),
   ];
   const extra = spec.cmdline?.trim();
   if (extra) parts.push(extra);
@@ -260,9 +281,11 @@ export function planQemuArgv(spec: QemuSpec): string[] {
     `${spec.memoryMib}M`,
     "-nodefaults",
     "-no-user-config",
-    "-nographic",
+    "-display",
+    "none",
     "-no-reboot",
   ];
+
   if (spec.sandbox) argv.push("-sandbox", spec.runAs === undefined ? QEMU_SANDBOX : QEMU_SANDBOX_RUNAS);
   if (spec.runAs !== undefined)
     argv.push(
@@ -275,7 +298,7 @@ export function planQemuArgv(spec: QemuSpec): string[] {
     "-append",
     kernelCmdline(spec),
     "-chardev",
-    `file,id=serial0,path=${o(spec.serialLog)}`,
+    `file,id=serial0,path=${o(spec.serialLog)},append=on`,
     "-serial",
     "chardev:serial0",
     "-chardev",

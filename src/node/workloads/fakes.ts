@@ -7,7 +7,6 @@ import { PassThrough } from "node:stream";
 import { CapsuleError, ErrorCode } from "../../errors.js";
 import {
   type ContainerInfo,
-  type ContainerSpec,
   type ContainerStatus,
   containerId,
   type ExecResult,
@@ -17,10 +16,10 @@ import {
 import type { ExecSession, ExecStreamOptions } from "../runtime/exec.js";
 import type { AddressBook } from "./manager.js";
 import type { HostPortForward, PortForwarder, VolumeAttacher } from "./ports.js";
-import type { ContainerRuntime, NetRuntime } from "./reconciler.js";
+import type { ContainerRuntime, NetRuntime, RunSpec } from "./reconciler.js";
 
 interface FakeContainer {
-  spec: ContainerSpec;
+  spec: RunSpec;
   state: "running" | "stopped";
   pid: number;
   exitCode: number | undefined;
@@ -39,7 +38,7 @@ export class FakeContainerRuntime implements ContainerRuntime {
     if (c) Object.assign(c, { state: "stopped", exitCode: code });
   }
 
-  async run(spec: ContainerSpec): Promise<{ id: string; action: RunAction; pid: number | undefined }> {
+  async run(spec: RunSpec): Promise<{ id: string; action: RunAction; pid: number | undefined }> {
     const id = containerId(spec.workload, spec.generation);
     this.calls.push(`run ${id}`);
     const c = this.containers.get(id);
@@ -91,7 +90,7 @@ export class FakeContainerRuntime implements ContainerRuntime {
         id,
         workload: c.spec.workload,
         generation: c.spec.generation,
-        image: c.spec.image,
+        image: c.spec.kind === "microvm" ? c.spec.kernel : c.spec.image,
         state: c.state,
         ...(c.state === "running" ? { pid: c.pid } : {}),
       }));
@@ -191,6 +190,13 @@ export class FakeVolumes implements VolumeAttacher {
     if (h && h !== workload) {
       throw new CapsuleError(ErrorCode.FailedPrecondition, `volume ${name} is used by workload ${h}`);
     }
+  }
+
+  async attachDevice(name: string, workload: string): Promise<string> {
+    this.check(name, workload);
+    this.calls.push(`attachDevice ${name} ${workload}`);
+    this.holder.set(name, workload);
+    return `/dev/vol/${name}`;
   }
 
   async attach(name: string, workload: string): Promise<string> {

@@ -5,6 +5,9 @@
  * reconciler's steps under the workload's mutex, so they never race a reconcile.
  */
 import { createHash } from "node:crypto";
+import { constants } from "node:fs";
+import { access } from "node:fs/promises";
+import { canonicalJson } from "../../api/canonical.js";
 import { validateManifest, type WorkloadManifest } from "../../api/manifest.js";
 import { CapsuleError, ErrorCode, invalidArgument } from "../../errors.js";
 import type { Clock } from "../host/clock.js";
@@ -77,21 +80,9 @@ export interface WorkloadsOptions {
   reconciler: Reconciler;
   volumes?: VolumeAttacher | undefined;
   ports?: PortForwarder | undefined;
+  /** vmAccel resolves to the accelerator microVMs run with ("kvm", "tcg", "none"); unset = microVMs are refused. */
+  vmAccel?: () => Promise<string>;
   clock: Clock;
-}
-
-/** canonicalJson is JSON with object keys sorted, so equal specs hash alike (pure). */
-export function canonicalJson(v: unknown): string {
-  if (Array.isArray(v)) return `[${v.map(canonicalJson).join(",")}]`;
-  if (v && typeof v === "object") {
-    const o = v as Record<string, unknown>;
-    return `{${Object.keys(o)
-      .filter((k) => o[k] !== undefined)
-      .sort()
-      .map((k) => `${JSON.stringify(k)}:${canonicalJson(o[k])}`)
-      .join(",")}}`;
-  }
-  return JSON.stringify(v);
 }
 
 const sha = (s: string) => createHash("sha256").update(s).digest("hex");
@@ -242,12 +233,9 @@ export class Workloads {
   }
 
   private async check(m: WorkloadManifest, hasImage: (ref: string) => Promise<boolean>): Promise<void> {
-    if (!m.container) {
-      throw new CapsuleError(ErrorCode.Unsupported, `${m.name}: microVM workloads are not supported yet`, {
-        hint: "use container:",
-      });
-    }
-    if (!(await hasImage(m.container.image))) {
+    if (m.microvm) {
+      await this.checkMicroVm(m);
+    } else if (m.container && !(await hasImage(m.container.image))) {
       throw new CapsuleError(
         ErrorCode.NotFound,
         `${m.name}: image ${m.container.image} is not in this capsule's image store`,
@@ -264,6 +252,65 @@ export class Workloads {
       );
     }
     for (const v of m.volumes) this.o.volumes?.check(v.name, m.name);
+  }
+
+  /** checkMicroVm refuses a microVM this capsule cannot run: no accelerator, no kernel file, an image (not supported yet), a volume name longer than a virtio serial. */
+  private async checkMicroVm(m: WorkloadManifest): Promise<void> {
+    const vm = m.microvm!;
+    const accel = this.o.vmAccel ? await this.o.vmAccel() : "none";
+    if (accel === "none")
+      throw new CapsuleError(ErrorCode.FailedPrecondition, `${m.name}: microVMs cannot run on this capsule`, {
+        hint: "capsulectl capsule info -o wide shows VM-ACCEL; install qemu-system-x86 and restart capsuled",
+      });
+    if (vm.image !== undefined)
+      throw invalidArgument(
+        `${m.name}: microvm.image`,
+        "is not supported yet",
+        "give microvm.kernel (and microvm.initrd): absolute paths on the capsule",
+      );
+    if (!vm.kernel)
+      throw invalidArgument(
+        `${m.name}: microvm.kernel`,
+        "is required",
+        "the absolute path of the guest kernel on the capsule",
+      );
+    for (const [field, path] of [
+      ["kernel", vm.kernel],
+      ["initrd", vm.initrd],
+    ] as const) {
+      if (path === undefined) continue;
+      if (!path.startsWith("/"))
+        throw invalidArgument(`${m.name}: microvm.${field}`, `"${path}" is not an absolute path`);
+      try {
+        await access(path, constants.R_OK);
+      } catch {
+        throw invalidArgument(
+          `${m.name}: microvm.${field}`,
+          `${path} is not a readable file on this capsule`,
+          "copy the file to the capsule first",
+        );
+      }
+    }
+    if (vm.cmdline !== undefined && /(?:^|\s)capsule\./.test(vm.cmdline))
+      throw invalidArgument(
+        `${m.name}: microvm.cmdline`,
+        "sets a capsule.* key",
+        "capsule.* keys come from capsuled",
+      );
+    for (const v of m.volumes) {
+      if (v.name.length > 20)
+        throw invalidArgument(
+          `${m.name}: volumes`,
+          `volume name ${v.name} is longer than 20 characters`,
+          "a microVM finds its volumes by virtio serial, which has 20 bytes; use a shorter volume name",
+        );
+      if (!/^\/[A-Za-z0-9_./-]{0,200}$/.test(v.mountPath))
+        throw invalidArgument(
+          `${m.name}: volumes`,
+          `mountPath ${v.mountPath} has characters a guest command line cannot carry`,
+          "use letters, digits and / . _ -",
+        );
+    }
   }
 
   private async checkHostPorts(docs: readonly WorkloadManifest[]): Promise<void> {
@@ -348,7 +395,7 @@ export class Workloads {
       name: r.name,
       labels: r.spec.labels,
       kind: c ? "container" : "microvm",
-      image: c?.image ?? r.spec.microvm?.image ?? "",
+      image: c?.image ?? r.spec.microvm?.kernel ?? "",
       desired: r.desired,
       phase,
       message,

@@ -12,6 +12,8 @@
 export interface VolumeAttacher {
   /** attach mounts volume `name` for workload `workload` and returns the host directory to bind-mount; refuses (CAPSULE_FAILED_PRECONDITION) when another workload holds it, CAPSULE_NOT_FOUND when missing. Idempotent for the same workload. */
   attach(name: string, workload: string): Promise<string>;
+  /** attachDevice claims volume `name` for microVM workload `workload` and returns its block device or image file, not mounted on the capsule (the guest mounts it). Errors as attach. Idempotent. */
+  attachDevice(name: string, workload: string): Promise<string>;
   /** detach flushes and unmounts; idempotent. */
   detach(name: string, workload: string): Promise<void>;
   /** check is the apply-time validation: throws the same errors as attach would, changes nothing. */

@@ -30,13 +30,21 @@ import {
   type StopResult,
 } from "../runtime/containers.js";
 import type { ExecSession, ExecStreamOptions } from "../runtime/exec.js";
+import { KeyedLock } from "../runtime/keyed-lock.js";
 import { workloadNetNames } from "../runtime/netns.js";
+import type { MicroVmSpec } from "../runtime/vms.js";
 import type { PortForwarder, VolumeAttacher } from "./ports.js";
 import type { Desired, WorkloadRepo, WorkloadRow } from "./repo.js";
 
-/** ContainerRuntime is what workloads need of the container runtime (implemented by `Containers`). */
+/** RunSpec is what a workload's current generation runs: a container or a microVM. */
+export type RunSpec = ({ kind: "container" } & ContainerSpec) | ({ kind: "microvm" } & MicroVmSpec);
+
+/**
+ * ContainerRuntime is what workloads need of the runtime that runs them (implemented by
+ * `WorkloadRuntimes`, which hands containers to `Containers` and microVMs to `MicroVms`).
+ */
 export interface ContainerRuntime {
-  run(spec: ContainerSpec): Promise<{ id: string; action: RunAction; pid: number | undefined }>;
+  run(spec: RunSpec): Promise<{ id: string; action: RunAction; pid: number | undefined }>;
   status(id: string): Promise<ContainerStatus>;
   stop(id: string, opts?: StopOptions): Promise<StopResult>;
   restart(id: string, opts?: StopOptions): Promise<StopResult>;
@@ -49,7 +57,13 @@ export interface ContainerRuntime {
 
 /** NetRuntime is what workloads need of the per-workload network plumbing (implemented by `WorkloadNet`). */
 export interface NetRuntime {
-  ensure(spec: { workload: string; address: string; hostSrc?: string }): Promise<unknown>;
+  /** ensure wires the workload: a veth and namespace for a container, a TAP for a microVM (`kind` unset = container). */
+  ensure(spec: {
+    workload: string;
+    address: string;
+    hostSrc?: string;
+    kind?: RunSpec["kind"];
+  }): Promise<unknown>;
   teardown(workload: string): Promise<boolean>;
   list(): Promise<string[]>;
 }
@@ -246,7 +260,7 @@ export class Reconciler {
   private readonly o: ReconcilerOptions;
   private readonly concurrency: number;
   private readonly memory = new Map<string, Memory>();
-  private readonly locks = new Map<string, Promise<unknown>>();
+  private readonly locks = new KeyedLock();
   private readonly queue: string[] = [];
   private readonly queued = new Set<string>();
   private readonly busy = new Set<string>();
@@ -345,14 +359,7 @@ export class Reconciler {
 
   /** withLock runs `fn` while holding workload `name`'s mutex (the reconciler's own steps take it too). */
   withLock<T>(name: string, fn: () => Promise<T>): Promise<T> {
-    const prev = this.locks.get(name) ?? Promise.resolve();
-    const run = prev.then(fn, fn);
-    const tail = run.catch(() => undefined);
-    this.locks.set(name, tail);
-    void tail.then(() => {
-      if (this.locks.get(name) === tail) this.locks.delete(name);
-    });
-    return run;
+    return this.locks.run(name, fn);
   }
 
   /** status is what the reconciler last concluded about workload `name`. */
@@ -431,7 +438,12 @@ export class Reconciler {
         return;
       case "ensureNet":
         if (!row) return;
-        await this.o.net.ensure({ workload: name, address: row.address, hostSrc: this.o.hostSrc() });
+        await this.o.net.ensure({
+          workload: name,
+          address: row.address,
+          hostSrc: this.o.hostSrc(),
+          kind: row.spec.microvm ? "microvm" : "container",
+        });
         return;
       case "stop":
         await this.o.containers.stop(a.id, { timeoutMs: STOP_GRACE_MS });
@@ -453,16 +465,40 @@ export class Reconciler {
     }
   }
 
-  /** spec is the container spec of a workload row's current generation; attaches its volumes (idempotent). */
-  async spec(row: WorkloadRow): Promise<ContainerSpec> {
+  /** spec is what a workload row's current generation runs; attaches its volumes (idempotent). */
+  async spec(row: WorkloadRow): Promise<RunSpec> {
+    const vm = row.spec.microvm;
     const c = row.spec.container;
-    if (!c) throw new Error(`${row.name}: only container workloads are supported`);
-    const mounts = [];
-    for (const v of row.spec.volumes) {
-      if (!this.o.volumes) throw new Error(`${row.name}: volumes are not available on this capsule`);
-      mounts.push({ source: await this.o.volumes.attach(v.name, row.name), target: v.mountPath });
+    if (!this.o.volumes && row.spec.volumes.length)
+      throw new Error(`${row.name}: volumes are not available on this capsule`);
+    if (vm) {
+      if (!vm.kernel) throw new Error(`${row.name}: microvm.kernel is not set`);
+      const volumes = [];
+      for (const v of row.spec.volumes)
+        volumes.push({
+          name: v.name,
+          path: await this.o.volumes!.attachDevice(v.name, row.name),
+          mountPath: v.mountPath,
+        });
+      return {
+        kind: "microvm",
+        workload: row.name,
+        generation: row.generation,
+        kernel: vm.kernel,
+        ...(vm.initrd ? { initrd: vm.initrd } : {}),
+        ...(vm.cmdline ? { cmdline: vm.cmdline } : {}),
+        cpus: vm.cpus ?? 1,
+        memoryMib: vm.memoryMib ?? 256,
+        address: row.address,
+        volumes,
+      };
     }
+    if (!c) throw new Error(`${row.name}: neither container nor microvm`);
+    const mounts = [];
+    for (const v of row.spec.volumes)
+      mounts.push({ source: await this.o.volumes!.attach(v.name, row.name), target: v.mountPath });
     return {
+      kind: "container",
       workload: row.name,
       generation: row.generation,
       image: c.image,

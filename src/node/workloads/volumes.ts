@@ -373,6 +373,23 @@ export class LoopVolumes implements VolumeAttacher {
   }
 
   /**
+   * attachDevice records microVM workload `workload` as the holder of volume `name` and returns
+   * what QEMU opens: the image file (loop-ext4) or the LV (lvm-thin). The volume must not be
+   * mounted on the capsule while a guest has it (two kernels on one ext4 corrupt it), so a
+   * capsule-side mount or loop device left by the same workload (it was a container) is
+   * flushed and released first. Errors as {@link check}.
+   */
+  attachDevice(name: string, workload: string): Promise<string> {
+    return this.serial(async () => {
+      this.check(name, workload);
+      const r = this.row(name)!;
+      await this.release(r);
+      if (r.used_by === null) this.setUsedBy(name, workload);
+      return r.path;
+    });
+  }
+
+  /**
    * detach flushes and unmounts volume `name` (sync, umount, losetup -d) and clears its holder.
    * Idempotent: a missing volume, a free one, or one held by another workload is left as it is.
    */
