@@ -13,6 +13,8 @@ declare -A NEED=(
   [g++]=g++ [make]=make [python3]=python3 [curl]=curl [socat]=socat [iperf3]=iperf3
   [docker-registry]=docker-registry [dnsmasq]=dnsmasq-base [haproxy]=haproxy [wrk]=wrk
   [qemu-system-x86_64]=qemu-system-x86 [cpio]=cpio [qemu-ga]=qemu-guest-agent
+  [iscsiadm]=open-iscsi [dmsetup]=dmsetup [thin_check]=thin-provisioning-tools [depmod]=kmod
+  [gcc-12]=gcc-12 [xz]=xz-utils
 )
 missing=()
 for cmd in "${!NEED[@]}"; do

@@ -1,7 +1,7 @@
 // Runs the whole suite tier by tier (lint, typecheck, unit, e2e, root, lab-qemu) and closes with
 // one line "N passed, N failed, N skipped" summed over the tiers. Exits non-zero if anything
 // failed. Usage: node scripts/test.mjs [tier...]   (default: unit e2e root lab-qemu; the
-// lab-qemu tier boots a tiny guest under TCG, about 30 s)
+// lab-qemu tier boots QEMU guests under TCG: the tiny guest, then two full capsules, 2-6 min)
 import { spawnSync } from "node:child_process";
 
 const tiers = process.argv.slice(2).length ? process.argv.slice(2) : ["unit", "e2e", "root", "lab-qemu"];
