@@ -24,7 +24,7 @@
  * (`guest-exec`); there is no terminal, and output arrives when the command ends.
  */
 import { createHash, randomBytes } from "node:crypto";
-import { mkdir, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { CapsuleError, ErrorCode } from "../../errors.js";
 import type { Clock } from "../host/clock.js";
@@ -268,7 +268,8 @@ export class MicroVms {
     try {
       return JSON.parse(await readFile(this.paths(id).spec, "utf8")) as SpecFile;
     } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === "ENOENT") return undefined;
+      // Missing, or unreadable JSON (not ours, or a disk that lost it): no VM by that id.
+      if ((e as NodeJS.ErrnoException).code === "ENOENT" || e instanceof SyntaxError) return undefined;
       throw e;
     }
   }
@@ -313,7 +314,10 @@ export class MicroVms {
       let action: RunAction = "started";
       if (!have) {
         await mkdir(this.dir(id), { recursive: true });
-        await writeFile(this.paths(id).spec, `${JSON.stringify({ id, hash, spec } satisfies SpecFile)}\n`);
+        // Written whole or not at all: a torn spec.json would otherwise make every list fail.
+        const tmp = `${this.paths(id).spec}.tmp`;
+        await writeFile(tmp, `${JSON.stringify({ id, hash, spec } satisfies SpecFile)}\n`);
+        await rename(tmp, this.paths(id).spec);
         action = "created";
       } else {
         const pid = await this.livePid(id);
@@ -470,7 +474,8 @@ export class MicroVms {
     } catch {
       how = "no guest agent";
     }
-    let gone = await this.waitGone(pid, opts.timeoutMs ?? 5_000);
+    // Without an agent nothing asked the guest to stop: straight to QMP quit.
+    let gone = await this.waitGone(pid, how === "guest shutdown" ? (opts.timeoutMs ?? 5_000) : 0);
     let killed = false;
     if (!gone) {
       how = "QMP quit";
@@ -578,11 +583,18 @@ export class MicroVms {
 export function agentSession(agent: GuestAgent, argv: readonly string[], stdin: boolean): ExecSession {
   const input: Buffer[] = [];
   let closed = !stdin;
+  let killed = false;
   let startNow: () => void = () => undefined;
   const started = new Promise<void>((r) => (startNow = r));
   if (closed) startNow();
+  // Killed before stdin closed: the command never runs (it would run on partial input).
   const result = started.then(() =>
-    agent.exec(argv, { ...(input.length ? { input: Buffer.concat(input) } : {}), timeoutMs: 24 * 3600_000 }),
+    killed
+      ? { exitCode: 137, stdout: "", stderr: "" }
+      : agent.exec(argv, {
+          ...(input.length ? { input: Buffer.concat(input) } : {}),
+          timeoutMs: 24 * 3600_000,
+        }),
   );
   async function* output() {
     const r = await result;
@@ -605,6 +617,7 @@ export function agentSession(agent: GuestAgent, argv: readonly string[], stdin: 
     kill: async () => {
       if (!closed) {
         closed = true;
+        killed = true;
         startNow();
       }
     },

@@ -153,20 +153,29 @@ export class FakeContainerRuntime implements ContainerRuntime {
   }
 }
 
-/** FakeNetRuntime records namespaces as a set. */
+/** FakeNetRuntime records namespaces as a set; `kinds` is the kind each workload was last wired as. */
 export class FakeNetRuntime implements NetRuntime {
   readonly calls: string[] = [];
   readonly namespaces = new Map<string, string>();
+  /** kinds is the `kind` of each workload's last ensure ("container" when unset). */
+  readonly kinds = new Map<string, RunSpec["kind"]>();
 
-  async ensure(spec: { workload: string; address: string; hostSrc?: string }): Promise<boolean> {
+  async ensure(spec: {
+    workload: string;
+    address: string;
+    hostSrc?: string;
+    kind?: RunSpec["kind"];
+  }): Promise<boolean> {
     const changed = this.namespaces.get(spec.workload) !== spec.address;
     if (changed) this.calls.push(`ensure ${spec.workload} ${spec.address} src ${spec.hostSrc ?? "-"}`);
     this.namespaces.set(spec.workload, spec.address);
+    this.kinds.set(spec.workload, spec.kind ?? "container");
     return changed;
   }
 
   async teardown(workload: string): Promise<boolean> {
     this.calls.push(`teardown ${workload}`);
+    this.kinds.delete(workload);
     return this.namespaces.delete(workload);
   }
 
