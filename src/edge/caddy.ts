@@ -15,7 +15,6 @@
  * accounts, the internal CA at storage/pki/authorities/local/root.crt), caddy.log, caddy.pid
  * and the admin socket when its path fits (see {@link caddyPaths}).
  */
-import { createHash } from "node:crypto";
 import { mkdir, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { Clock } from "../node/host/clock.js";
@@ -24,9 +23,7 @@ import type { CommandRunner } from "../node/host/runner.js";
 import type { ProcessSpawner } from "../node/host/spawner.js";
 import { type CaddyAdmin, UnixCaddyAdmin } from "./admin.js";
 import { canonicalJson, type PlanOptions, planCaddyConfig } from "./plan.js";
-
-/** SOCKET_PATH_MAX is the longest unix socket path Linux takes. */
-const SOCKET_PATH_MAX = 107;
+import { fallbackSocketDir, socketPathFits } from "../node/host/socket-path.js";
 
 /** CaddyPaths is where one Caddy keeps everything (see {@link caddyPaths}). */
 export interface CaddyPaths {
@@ -52,8 +49,8 @@ export function caddyPaths(stateDir: string): CaddyPaths {
   const dir = join(stateDir, "caddy");
   let adminSocket = join(dir, "admin.sock");
   let socketDir: string | undefined;
-  if (Buffer.byteLength(adminSocket) > SOCKET_PATH_MAX) {
-    socketDir = `/run/capsule-${createHash("sha256").update(stateDir).digest("hex").slice(0, 12)}`;
+  if (!socketPathFits(adminSocket)) {
+    socketDir = fallbackSocketDir(stateDir);
     adminSocket = `${socketDir}/caddy-admin.sock`;
   }
   const storage = join(dir, "storage");

@@ -20,7 +20,6 @@
  * master.sock and stats.sock (under /run/capsule-<hash>/ when the state dir path is too long
  * for a unix socket, like Caddy's admin socket).
  */
-import { createHash } from "node:crypto";
 import { mkdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { CapsuleError, ErrorCode } from "../errors.js";
@@ -29,8 +28,7 @@ import { DaemonSupervisor, type DaemonSpec, logTail } from "../node/host/daemon.
 import type { CommandRunner } from "../node/host/runner.js";
 import type { ProcessSpawner } from "../node/host/spawner.js";
 import { unixCommand } from "./unix-socket.js";
-
-const SOCKET_PATH_MAX = 107;
+import { fallbackSocketDir, socketPathFits } from "../node/host/socket-path.js";
 
 /** HaproxyPaths is where one HAProxy keeps everything (see {@link haproxyPaths}). */
 export interface HaproxyPaths {
@@ -55,8 +53,8 @@ export function haproxyPaths(stateDir: string): HaproxyPaths {
   let masterSocket = join(dir, "master.sock");
   let statsSocket = join(dir, "stats.sock");
   let socketDir: string | undefined;
-  if (Buffer.byteLength(masterSocket) > SOCKET_PATH_MAX) {
-    socketDir = `/run/capsule-${createHash("sha256").update(stateDir).digest("hex").slice(0, 12)}`;
+  if (!socketPathFits(masterSocket)) {
+    socketDir = fallbackSocketDir(stateDir);
     masterSocket = `${socketDir}/haproxy-master.sock`;
     statsSocket = `${socketDir}/haproxy-stats.sock`;
   }

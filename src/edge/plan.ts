@@ -39,6 +39,7 @@
  *   certificates for names it does not serve.
  */
 import { invalidArgument } from "../errors.js";
+import { socketPathFits } from "../node/host/socket-path.js";
 
 /** ACME_INTERNAL is the `acmeCa` value that selects Caddy's own CA instead of an ACME directory. */
 export const ACME_INTERNAL = "internal";
@@ -80,8 +81,6 @@ export const REDIRECT_SERVER = "edge-http";
 export const IPV4 = /^(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(\.(25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}$/;
 const LABEL = /^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$/;
 const EMAIL = /^[^\s@]+@[^\s@]+\.[^\s@]+$/;
-/** SOCKET_PATH_MAX is the longest unix socket path Linux takes. */
-const SOCKET_PATH_MAX = 107;
 
 function checkPort(field: string, p: number): void {
   if (!Number.isInteger(p) || p < 1 || p > 65535)
@@ -141,7 +140,7 @@ function issuerFor(
  */
 export function planCaddyConfig(opts: PlanOptions): Record<string, unknown> {
   checkAbsolute("adminSocket", opts.adminSocket);
-  if (Buffer.byteLength(opts.adminSocket) > SOCKET_PATH_MAX)
+  if (!socketPathFits(opts.adminSocket))
     throw invalidArgument("adminSocket", `"${opts.adminSocket}" is longer than a unix socket path can be`);
   checkAbsolute("storageDir", opts.storageDir);
   if (opts.acmeCa !== ACME_INTERNAL) {

@@ -66,8 +66,16 @@ export async function startTcpEcho(n: NsNode, ip: string, port: number): Promise
   if (!(await listening(n, port))) throw new Error(`tcp echo on ${ip}:${port} did not listen`);
 }
 
-/** selfSigned writes a self-signed P-256 certificate for `name` (SAN DNS or IP) and returns the paths. */
-export function selfSigned(dir: string, name: string, san: string): { cert: string; key: string } {
+/**
+ * selfSigned writes a self-signed P-256 certificate for `name` (SAN DNS or IP) as
+ * `<dir>/<name>.crt` and `.key` and returns the paths; `subject` defaults to `/CN=<name>`.
+ */
+export function selfSigned(
+  dir: string,
+  name: string,
+  san: string,
+  subject = `/CN=${name}`,
+): { cert: string; key: string } {
   const cert = join(dir, `${name}.crt`);
   const key = join(dir, `${name}.key`);
   execFileSync(
@@ -87,7 +95,7 @@ export function selfSigned(dir: string, name: string, san: string): { cert: stri
       "-days",
       "2",
       "-subj",
-      `/CN=${name}`,
+      subject,
       "-addext",
       `subjectAltName=${san}`,
     ],

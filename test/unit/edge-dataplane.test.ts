@@ -5,7 +5,6 @@
 // API (no reload), only passthrough changes reload HAProxy; a new HTTPS host gets a warm-up TLS
 // handshake; a rejected HAProxy config changes nothing; stop leaves everything running;
 // status() decides certificate and health states; the status helpers; and FakeEdgeDataPlane.
-import { execFileSync } from "node:child_process";
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer as createTlsServer } from "node:tls";
 import { tmpdir } from "node:os";
@@ -29,6 +28,7 @@ import { certStatus, issuerKey, lastCertEvents, passthroughHealth } from "../../
 import type { Clock } from "../../src/node/host/clock.js";
 import { FakeRunner } from "../../src/node/host/runner.js";
 import { FakeSpawner } from "../../src/node/host/spawner.js";
+import { selfSigned } from "../helpers/edge-ns.js";
 
 class InstantClock implements Clock {
   t = Date.UTC(2026, 0, 1);
@@ -592,27 +592,7 @@ t.test("status: certificates, health of each kind", async (t) => {
   });
   const crtDir = join(cp.storage, "certificates", "local", "app.example.com");
   mkdirSync(crtDir, { recursive: true });
-  execFileSync(
-    "openssl",
-    [
-      "req",
-      "-x509",
-      "-newkey",
-      "ec",
-      "-pkeyopt",
-      "ec_paramgen_curve:P-256",
-      "-nodes",
-      "-keyout",
-      join(crtDir, "k.pem"),
-      "-out",
-      join(crtDir, "app.example.com.crt"),
-      "-days",
-      "30",
-      "-subj",
-      "/CN=Test Issuer",
-    ],
-    { stdio: "ignore" },
-  );
+  selfSigned(crtDir, "app.example.com", "DNS:app.example.com", "/CN=Test Issuer");
   writeFileSync(
     join(cp.dir, "events.log"),
     `${JSON.stringify({ level: "error", ts: 1, logger: "tls.obtain", msg: "could not get certificate from issuer", identifier: "new.example.com", error: "HTTP 400 urn:ietf:params:acme:error:connection" })}\n`,

@@ -160,6 +160,25 @@ t.test("vmQemuSpec: accelerators, network, volumes, command line", async (t) => 
   });
 });
 
+t.test("paths: sockets under the data dir, or under /run when the data dir is too deep", async (t) => {
+  const mk = (dataDir: string) =>
+    new MicroVms({
+      clock: new FakeClock(),
+      spawner: new FakeSpawner(),
+      dataDir,
+      accel: async () => ({ accel: "tcg", cpu: "max", reason: "" }),
+    });
+  const short = mk("/var/lib/capsule/vms").paths("web.1");
+  t.match(short.qmp, /^\/var\/lib\/capsule\/vms\/sock\/[0-9a-f]{12}\.qmp$/);
+  t.match(short.ga, /^\/var\/lib\/capsule\/vms\/sock\/[0-9a-f]{12}\.ga$/);
+  const deep = `/${"d".repeat(100)}/vms`;
+  const long = mk(deep).paths("web.1");
+  t.match(long.qmp, /^\/run\/capsule-[0-9a-f]{12}\/vms\/[0-9a-f]{12}\.qmp$/);
+  t.ok(Buffer.byteLength(long.ga) <= 107, "fits a socket address");
+  t.equal(mk(deep).paths("web.1").qmp, long.qmp, "stable for a data dir");
+  t.equal(long.console, join(deep, "web.1", "console.log"), "files stay under the data dir");
+});
+
 t.test("lastLine", async (t) => {
   t.equal(lastLine(""), "");
   t.equal(lastLine("\n\n  \n"), "");

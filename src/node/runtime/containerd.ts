@@ -19,7 +19,6 @@
  * pair runs the same code against a capsule's namespaces from outside (root tests). Files under
  * the state dir (config, pid file) are the exception: both views share it.
  */
-import { createHash } from "node:crypto";
 import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { Clock } from "../host/clock.js";
@@ -27,15 +26,13 @@ import { DaemonSupervisor, type DaemonSpec } from "../host/daemon.js";
 import type { CommandRunner } from "../host/runner.js";
 import type { ProcessSpawner } from "../host/spawner.js";
 import { type CtrEndpoint, parseTable, type Snapshotter } from "./ctr.js";
+import { fallbackSocketDir, socketPathFits } from "../host/socket-path.js";
 
 /** DEFAULT_NAMESPACE is the containerd namespace Capsule's images and containers live in. */
 export const DEFAULT_NAMESPACE = "capsule";
 
-/**
- * SOCKET_PATH_MAX is the longest unix socket path Linux takes (sun_path is 108 bytes with the
- * terminating NUL). containerd also listens on `<address>.ttrpc`, so that one must fit.
- */
-export const SOCKET_PATH_MAX = 107;
+/** SOCKET_PATH_MAX (host/socket-path.ts): containerd also listens on `<address>.ttrpc`, so that one must fit. */
+export { SOCKET_PATH_MAX } from "../host/socket-path.js";
 
 /** SnapshotterChoice: "auto" takes overlayfs when containerd's overlayfs plugin loaded here, else native. */
 export type SnapshotterChoice = "auto" | Snapshotter;
@@ -68,8 +65,8 @@ export function containerdPaths(stateDir: string): ContainerdPaths {
   const dir = join(stateDir, "containerd");
   let address = join(dir, "containerd.sock");
   let socketDir: string | undefined;
-  if (Buffer.byteLength(`${address}.ttrpc`) > SOCKET_PATH_MAX) {
-    socketDir = `/run/capsule-${createHash("sha256").update(stateDir).digest("hex").slice(0, 12)}`;
+  if (!socketPathFits(`${address}.ttrpc`)) {
+    socketDir = fallbackSocketDir(stateDir);
     address = `${socketDir}/containerd.sock`;
   }
   return {

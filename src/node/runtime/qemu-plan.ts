@@ -37,6 +37,7 @@
  * {@link qemuOptValue} does that.
  */
 import { invalidArgument } from "../../errors.js";
+import { SOCKET_PATH_MAX, socketPathFits } from "../host/socket-path.js";
 
 /** QemuVolume is one block device or image file given to the guest. */
 export interface QemuVolume {
@@ -109,6 +110,8 @@ export const MIN_MEMORY_MIB = 64;
 export const MAX_MEMORY_MIB = 1024 * 1024;
 
 const NAME = /^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$/;
+/** MAX_VOLUME_NAME is the longest volume name a guest can find: the virtio-blk serial has 20 bytes. */
+export const MAX_VOLUME_NAME = 20;
 const VOLUME_NAME = /^[a-z0-9](?:[a-z0-9-]{0,18}[a-z0-9])?$/;
 const IFNAME = /^[A-Za-z0-9_.-]{1,15}$/;
 const MAC = /^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$/;
@@ -116,8 +119,16 @@ const CPU_MODEL = /^[A-Za-z0-9][A-Za-z0-9_.-]*(?:,[+-]?[A-Za-z0-9_.-]+(?:=[A-Za-
 const POSIX_NAME = /^[A-Za-z_][A-Za-z0-9_.-]{0,31}$/;
 const NUMERIC = /^[0-9]{1,10}$/;
 const MOUNT_PATH = /^\/[A-Za-z0-9_./-]{0,200}$/;
-/** SUN_PATH_MAX is the longest unix socket path Linux accepts (108 bytes with the NUL). */
-const SUN_PATH_MAX = 107;
+
+/** isGuestMountPath says whether `p` can travel on the kernel command line as a `capsule.vol` mount path (pure). */
+export function isGuestMountPath(p: string): boolean {
+  return MOUNT_PATH.test(p);
+}
+
+/** setsCapsuleKey says whether an extra kernel command line sets a `capsule.*` key, which only the spec may (pure). */
+export function setsCapsuleKey(cmdline: string): boolean {
+  return /(?:^|\s)capsule\./.test(cmdline);
+}
 
 /** qemuOptValue escapes a value for QEMU's `key=value,...` syntax: a comma is written twice. */
 export function qemuOptValue(v: string): string {
@@ -141,8 +152,8 @@ function parseIPv4(s: string): number[] | undefined {
 function checkPath(field: string, p: string, socket = false): void {
   if (!p.startsWith("/")) throw invalidArgument(field, `"${p}" is not an absolute path`);
   if (/[\0\n]/.test(p)) throw invalidArgument(field, "contains a NUL byte or a newline");
-  if (socket && Buffer.byteLength(p) > SUN_PATH_MAX)
-    throw invalidArgument(field, `is longer than ${SUN_PATH_MAX} bytes`, "use a shorter socket path");
+  if (socket && !socketPathFits(p))
+    throw invalidArgument(field, `is longer than ${SOCKET_PATH_MAX} bytes`, "use a shorter socket path");
 }
 
 /** validateQemuSpec checks a spec before any effect; throws CAPSULE_INVALID_ARGUMENT naming the field. */
@@ -170,7 +181,7 @@ export function validateQemuSpec(spec: QemuSpec): void {
   if (spec.initrd !== undefined) checkPath("initrd", spec.initrd);
   if (spec.cmdline !== undefined) {
     if (/[\0\n]/.test(spec.cmdline)) throw invalidArgument("cmdline", "contains a NUL byte or a newline");
-    if (/(?:^|\s)capsule\./.test(spec.cmdline))
+    if (setsCapsuleKey(spec.cmdline))
       throw invalidArgument("cmdline", "sets a capsule.* key", "capsule.* keys come from the spec");
   }
   if (!IFNAME.test(spec.tap))
@@ -210,7 +221,7 @@ export function validateQemuSpec(spec: QemuSpec): void {
     if (seen.has(v.name)) throw invalidArgument(`volumes[${i}].name`, `"${v.name}" is given twice`);
     seen.add(v.name);
     checkPath(`volumes[${i}].path`, v.path);
-    if (v.mountPath !== undefined && !MOUNT_PATH.test(v.mountPath))
+    if (v.mountPath !== undefined && !isGuestMountPath(v.mountPath))
       throw invalidArgument(
         `volumes[${i}].mountPath`,
         `"${v.mountPath}" is not a mount path the guest can take`,

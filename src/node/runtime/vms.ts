@@ -6,12 +6,13 @@
  * `qemu.log` (QEMU's own stderr), `console.log` (the guest's serial console, appended: this
  * is `workload logs`) and `exit.json` (how it last stopped, when capsuled stopped it). QMP and
  * the guest agent listen on unix sockets under `<dataDir>/sock/` (short names: a socket path
- * has 107 bytes at most).
+ * has 107 bytes at most), or under /run/capsule-<hash>/vms when even those would not fit.
  *
  * QEMU is started detached in its own session (the ProcessSpawner seam, as for wireguard-go),
  * so a SIGKILLed capsuled takes no VM down. `-daemonize` is not used: its fork is a process
  * spawn that QEMU's own `-sandbox spawn=deny` kills. A start is complete when QMP answers
- * `query-status` with the guest running; if QEMU exits first, its last stderr line is the error.
+ * `query-status` (QEMU listens once the machine is set up, and runs it at once: no `-S`); if
+ * QEMU exits first, its last stderr line is the error.
  *
  * Nothing about a VM is kept in memory: {@link MicroVms.list} reads the directories and checks
  * each pid against /proc (the process must still be the QEMU whose command line names the VM's
@@ -44,6 +45,7 @@ import type {
 import { containerId, parseContainerId } from "./containers.js";
 import type { ExecSession, ExecStreamOptions } from "./exec.js";
 import { type GuestAgent, guestAgent } from "./guest-agent.js";
+import { fallbackSocketDir, socketPathFits } from "../host/socket-path.js";
 import { KeyedLock } from "./keyed-lock.js";
 import { followLog } from "./log-file.js";
 import { GATEWAY, HOST_MAC, workloadNetNames } from "./netns.js";
@@ -218,6 +220,8 @@ export class MicroVms {
   private readonly procRoot: string;
   private readonly kill: (pid: number, signal: NodeJS.Signals) => void;
   private tscKhz: number | undefined;
+  /** sockDir holds the QMP and agent sockets: `<dataDir>/sock`, or under /run when that is too long for a socket path. */
+  private readonly sockDir: string;
 
   constructor(o: MicroVmsOptions) {
     this.o = o;
@@ -225,6 +229,10 @@ export class MicroVms {
     this.agent = o.agent ?? ((s) => guestAgent(s));
     this.procRoot = o.procRoot ?? "/proc";
     this.kill = o.kill ?? ((pid, sig) => process.kill(pid, sig));
+    const local = join(o.dataDir, "sock");
+    this.sockDir = socketPathFits(join(local, "0123456789ab.qmp"))
+      ? local
+      : join(fallbackSocketDir(o.dataDir), "vms");
   }
 
   private dir(id: string): string {
@@ -243,7 +251,7 @@ export class MicroVms {
   } {
     const d = this.dir(id);
     const h = createHash("sha256").update(id).digest("hex").slice(0, 12);
-    const s = join(this.o.dataDir, "sock");
+    const s = this.sockDir;
     return {
       pid: join(d, "qemu.pid"),
       log: join(d, "qemu.log"),
@@ -347,7 +355,7 @@ export class MicroVms {
         },
       ),
     );
-    await mkdir(join(this.o.dataDir, "sock"), { recursive: true });
+    await mkdir(this.sockDir, { recursive: true });
     await rm(p.qmp, { force: true });
     await rm(p.ga, { force: true });
     await rm(p.exit, { force: true });

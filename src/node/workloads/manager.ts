@@ -13,6 +13,7 @@ import { CapsuleError, ErrorCode, invalidArgument } from "../../errors.js";
 import type { Clock } from "../host/clock.js";
 import type { ExecResult } from "../runtime/containers.js";
 import type { ExecSession, ExecStreamOptions } from "../runtime/exec.js";
+import { isGuestMountPath, MAX_VOLUME_NAME, setsCapsuleKey } from "../runtime/qemu-plan.js";
 import type { PortForwarder, VolumeAttacher } from "./ports.js";
 import {
   type ContainerRuntime,
@@ -291,20 +292,20 @@ export class Workloads {
         );
       }
     }
-    if (vm.cmdline !== undefined && /(?:^|\s)capsule\./.test(vm.cmdline))
+    if (vm.cmdline !== undefined && setsCapsuleKey(vm.cmdline))
       throw invalidArgument(
         `${m.name}: microvm.cmdline`,
         "sets a capsule.* key",
         "capsule.* keys come from capsuled",
       );
     for (const v of m.volumes) {
-      if (v.name.length > 20)
+      if (v.name.length > MAX_VOLUME_NAME)
         throw invalidArgument(
           `${m.name}: volumes`,
-          `volume name ${v.name} is longer than 20 characters`,
+          `volume name ${v.name} is longer than ${MAX_VOLUME_NAME} characters`,
           "a microVM finds its volumes by virtio serial, which has 20 bytes; use a shorter volume name",
         );
-      if (!/^\/[A-Za-z0-9_./-]{0,200}$/.test(v.mountPath))
+      if (!isGuestMountPath(v.mountPath))
         throw invalidArgument(
           `${m.name}: volumes`,
           `mountPath ${v.mountPath} has characters a guest command line cannot carry`,

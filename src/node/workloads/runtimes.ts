@@ -49,7 +49,7 @@ export class WorkloadRuntimes implements ContainerRuntime {
     return this.vms && (await this.vms.has(id)) ? this.vms : this.containers;
   }
 
-  run(spec: RunSpec): Promise<{ id: string; action: RunAction; pid: number | undefined }> {
+  async run(spec: RunSpec): Promise<{ id: string; action: RunAction; pid: number | undefined }> {
     if (spec.kind === "microvm") {
       const { kind: _k, ...vm } = spec;
       if (!this.vms) throw new Error(`${spec.workload}: microVMs are not available on this capsule`);
